@@ -1,0 +1,1 @@
+"""Text data: the long natural-text haystack, and the synthetic prompts built on it."""

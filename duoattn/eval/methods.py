@@ -1,0 +1,97 @@
+"""The methods compared side by side: full attention, DuoAttention, StreamingLLM and random retrieval heads.
+
+All of them run the same ``model.generate`` call; only the head pattern differs. StreamingLLM is DuoAttention
+with every head streaming (same sink / recent); random heads draw uniform gates with a seed and keep the same
+number of retrieval heads as DuoAttention at that sparsity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel
+
+from ..models import text_config
+from ..patch import DuoAttentionHandle, duo_attention
+from ..pattern import HeadPattern
+
+KINDS = ("full", "duo", "streaming", "random")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of running the model.
+
+    Attributes:
+        kind: ``full``, ``duo`` (the learned pattern), ``streaming`` (every head streaming) or ``random``.
+        sparsity: fraction of streaming heads, for ``duo`` and ``random``.
+        seed: the seed of the random gates, for ``random``.
+    """
+
+    kind: str
+    sparsity: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind in ("duo", "random"):
+            if self.sparsity is None or not 0.0 <= self.sparsity <= 1.0:
+                raise ValueError(f"method {self.kind!r} needs a sparsity in [0, 1], got {self.sparsity!r}")
+        elif self.sparsity is not None:
+            raise ValueError(f"method {self.kind!r} takes no sparsity")
+
+    @property
+    def name(self) -> str:
+        if self.kind in ("full", "streaming"):
+            return self.kind
+        retrieval = round(100 * (1 - self.sparsity))
+        return f"duo-{retrieval}%" if self.kind == "duo" else f"random-{retrieval}%-seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """The name without the seed: random heads with several seeds share one label."""
+        return self.name.split("-seed")[0]
+
+    def pattern(self, model: PreTrainedModel, learned: HeadPattern | None, sink: int, recent: int) -> HeadPattern | None:
+        """The head pattern this method runs with (None for full attention)."""
+        cfg = text_config(model)
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads)
+        if self.kind == "full":
+            return None
+        if self.kind == "streaming":
+            return HeadPattern.uniform(*shape, value=0.0, sink=sink, recent=recent)
+        if self.kind == "random":
+            return HeadPattern.random(*shape, seed=self.seed, sink=sink, recent=recent)
+        if learned is None:
+            raise ValueError("method 'duo' needs a learned pattern (--pattern DIR)")
+        return HeadPattern(learned.gates, sink=sink, recent=recent)
+
+    @contextlib.contextmanager
+    def applied(
+        self, model: PreTrainedModel, learned: HeadPattern | None, sink: int, recent: int
+    ) -> Iterator[DuoAttentionHandle | None]:
+        """Run the body with this method in place on ``model``."""
+        pattern = self.pattern(model, learned, sink, recent)
+        if pattern is None:
+            yield None
+            return
+        with duo_attention(model, pattern, sparsity=self.sparsity) as handle:
+            yield handle
+
+
+def parse_methods(spec: str, sparsities: list[float], random_seeds: int) -> list[Method]:
+    """``"full,duo,streaming,random"`` -> methods; ``duo`` and ``random`` expand over the sparsities (and seeds)."""
+    methods: list[Method] = []
+    for kind in (k.strip() for k in spec.split(",") if k.strip()):
+        if kind in ("full", "streaming"):
+            methods.append(Method(kind))
+        elif kind == "duo":
+            methods.extend(Method("duo", s) for s in sparsities)
+        elif kind == "random":
+            methods.extend(Method("random", s, seed) for s in sparsities for seed in range(random_seeds))
+        else:
+            raise ValueError(f"unknown method {kind!r}; choose from {', '.join(KINDS)}")
+    return methods

