@@ -245,11 +245,15 @@ def enable_duo_attention(
         layer_roles=layer_roles,
         previous_attn_implementation=cfg._attn_implementation,
     )
-    for module, lr in zip(modules, layer_roles):
-        setattr(module, ROLES_ATTR, lr)
-    model.set_attn_implementation(ATTN_NAME)
-    _install_cache_defaults(model, handle)
     setattr(model, HANDLE_ATTR, handle)
+    try:
+        for module, lr in zip(modules, layer_roles):
+            setattr(module, ROLES_ATTR, lr)
+        model.set_attn_implementation(ATTN_NAME)
+        _install_cache_defaults(model, handle)
+    except BaseException:
+        disable_duo_attention(model)  # leave nothing half-applied
+        raise
     return handle
 
 
@@ -289,7 +293,8 @@ def disable_duo_attention(model: PreTrainedModel) -> None:
         hook.remove()
     if "generate" in vars(model):
         del model.generate
-    model.set_attn_implementation(handle.previous_attn_implementation)
+    if text_config(model)._attn_implementation != handle.previous_attn_implementation:
+        model.set_attn_implementation(handle.previous_attn_implementation)
     for module in attention_modules(model):
         if hasattr(module, ROLES_ATTR):
             delattr(module, ROLES_ATTR)

@@ -168,3 +168,20 @@ def test_generate_with_a_generation_config_still_gets_a_duo_cache(tiny_model, id
     with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=6)):
         out = tiny_model.generate(ids, generation_config=config)
     assert isinstance(out[cache_kwarg(tiny_model)], DuoCache)
+
+
+def test_a_failing_enable_leaves_the_model_untouched(tiny_model, ids, monkeypatch):
+    before = tiny_model(ids).logits
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot switch")
+
+    monkeypatch.setattr(type(tiny_model), "set_attn_implementation", broken)
+    with pytest.raises(RuntimeError, match="cannot switch"):
+        enable_duo_attention(tiny_model, HeadPattern(MIXED))
+    monkeypatch.undo()
+    assert not any(hasattr(m, ROLES_ATTR) for m in tiny_model.modules())
+    assert "generate" not in vars(tiny_model) and not tiny_model._forward_pre_hooks
+    torch.testing.assert_close(tiny_model(ids).logits, before, rtol=0, atol=0)
+    enable_duo_attention(tiny_model, HeadPattern(MIXED))  # and it can be enabled afterwards
+    disable_duo_attention(tiny_model)
