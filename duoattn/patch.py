@@ -368,7 +368,7 @@ def _install_cache_defaults(model: PreTrainedModel, handle: DuoAttentionHandle) 
 
     def inject_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         use_cache = kwargs.get("use_cache")
-        use_cache = model.config.use_cache if use_cache is None else use_cache
+        use_cache = text_config(model).use_cache if use_cache is None else use_cache  # multimodal: in the text config
         if use_cache is not False and kwargs.get(name) is None and kwargs.get("past_key_values") is None:
             kwargs[name] = handle.new_cache()
         return args, kwargs

@@ -204,3 +204,39 @@ def test_other_architectures_are_refused_with_the_supported_list(config, model, 
     message = str(err.value)
     assert f"model_type {net.config.model_type!r}" in message
     assert all(f"{k} ({v})" in message for k, v in SUPPORTED_MODEL_TYPES.items())
+
+
+# ------------------------------------------------------------------------------ Gemma 3 with a vision tower
+def tiny_gemma3_multimodal():
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(
+        **{**FAMILIES["gemma3"].overrides, "vocab_size": 300}, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298,
+        image_token_index=299, attn_implementation="sdpa",
+    )
+    return transformers.Gemma3ForConditionalGeneration(config).to(torch.float64).eval()
+
+
+def test_gemma3_multimodal_text_prompts_and_refused_images(ids):
+    model = tiny_gemma3_multimodal()
+    pattern = HeadPattern(np.random.default_rng(5).random((LAYERS, 2)), sink=2, recent=6)
+    full = model.generate(ids, **GEN)
+    with duo_attention(model, HeadPattern.uniform(LAYERS, 2, 1.0, sink=2, recent=4)):
+        assert torch.equal(model.generate(ids, **GEN).sequences, full.sequences)
+    expected = reference_logits(model, pattern, ids, sparsity=0.5)
+    assert not torch.allclose(expected, model(ids).logits, atol=1e-3)
+    with duo_attention(model, pattern, sparsity=0.5) as handle:
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-10)
+        decoded = run_chunks(model, ids, handle.new_cache(), [9] + [1] * (ids.shape[1] - 9))
+        torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-10)
+        # Image tokens attend to each other bidirectionally: a mask DuoAttention layers cannot honour.
+        with_image = torch.cat([ids[:, :5], torch.tensor([[297, 299, 299, 299, 299, 298]]), ids[:, 5:]], dim=1)
+        with pytest.raises(ValueError, match="custom mask"):
+            model(with_image, pixel_values=torch.randn(1, 3, 28, 28, dtype=torch.float64),
+                  token_type_ids=(with_image == 299).long())
