@@ -159,8 +159,8 @@ def check_supported(model: nn.Module) -> PretrainedConfig:
 def sliding_windows(cfg: PretrainedConfig) -> list[int | None]:
     """Per decoder layer, the sliding window that limits its attention, or None for a full-attention layer.
 
-    A window at least as long as the model's context (``max_position_embeddings``, e.g. Phi-3-128K's 262144)
-    never binds, so its layers count as full-attention layers.
+    A window at least as long as the model's context (``max_position_embeddings``) never binds, so its layers
+    count as full-attention layers.
     """
     n = cfg.num_hidden_layers
     window = getattr(cfg, "sliding_window", None)

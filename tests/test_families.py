@@ -17,7 +17,8 @@ from duoattn.patch import cache_kwarg
 
 LAYERS, HEADS = 4, 4
 SHAPES = {"gqa": 2, "mha": 4}  # KV heads for 4 query heads
-CASES = [(name, shape) for name in FAMILIES for shape in SHAPES if shape == "gqa" or name in ("llama", "qwen2", "phi3", "gemma2")]
+MHA_TOO = ("llama", "qwen2", "phi3", "gemma2")
+CASES = [(name, shape) for name in FAMILIES for shape in SHAPES if shape == "gqa" or name in MHA_TOO]
 GEN = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
 
 
@@ -173,10 +174,19 @@ def test_sparsity_ranks_only_the_global_layers():
 
 
 # ---------------------------------------------------------------------------------------------- refusals
-def test_a_model_whose_every_layer_is_local_is_refused():
-    mistral = FAMILIES["mistral"]
-    model = type(mistral)(mistral.config, mistral.model, {"sliding_window": 16}).build()
-    with pytest.raises(ValueError, match=r"every layer of this mistral model .* sliding window of 16 tokens"):
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("mistral", {"sliding_window": 16}),  # Mistral 7B v0.1 style
+        ("phi3", {"sliding_window": 16}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}),
+    ],
+)
+def test_a_model_whose_every_layer_is_local_is_refused(family, overrides):
+    fam = FAMILIES[family]
+    model = type(fam)(fam.config, fam.model, overrides).build()
+    name = model.config.model_type
+    with pytest.raises(ValueError, match=rf"every layer of this {name} model .* sliding window of 16 tokens"):
         enable_duo_attention(model, HeadPattern.uniform(LAYERS, 2))
     assert model.config._attn_implementation == "sdpa"
 
