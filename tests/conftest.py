@@ -72,6 +72,11 @@ FAMILIES: dict[str, Family] = {
         window=8,
     ),
     "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),  # q/k norms
+    "qwen3-sliding": Family(
+        "Qwen3Config", "Qwen3ForCausalLM",
+        {"head_dim": 8, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+        window=8,
+    ),
     "phi3": Family("Phi3Config", "Phi3ForCausalLM"),  # fused qkv projection
     # A window longer than the context never binds: Phi-3-128K style, its layers count as full attention.
     "phi3-long-window": Family("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 8192}),
