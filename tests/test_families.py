@@ -3,6 +3,8 @@ the dense oracle, in single-pass prefill, chunked prefill and token-by-token dec
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -183,8 +185,7 @@ def test_sparsity_ranks_only_the_global_layers():
     ],
 )
 def test_a_model_whose_every_layer_is_local_is_refused(family, overrides):
-    fam = FAMILIES[family]
-    model = type(fam)(fam.config, fam.model, overrides).build()
+    model = dataclasses.replace(FAMILIES[family], overrides=overrides, window=16).build()
     name = model.config.model_type
     with pytest.raises(ValueError, match=rf"every layer of this {name} model .* sliding window of 16 tokens"):
         enable_duo_attention(model, HeadPattern.uniform(LAYERS, 2))
@@ -193,9 +194,9 @@ def test_a_model_whose_every_layer_is_local_is_refused(family, overrides):
 
 def test_a_bidirectional_gemma3_is_refused():
     gemma3 = FAMILIES["gemma3"]
-    model = type(gemma3)(gemma3.config, gemma3.model, {**gemma3.overrides, "use_bidirectional_attention": True})
+    model = dataclasses.replace(gemma3, overrides={**gemma3.overrides, "use_bidirectional_attention": True}).build()
     with pytest.raises(ValueError, match="bidirectionally"):
-        enable_duo_attention(model.build(), HeadPattern.uniform(LAYERS, 2))
+        enable_duo_attention(model, HeadPattern.uniform(LAYERS, 2))
 
 
 @pytest.mark.parametrize(
