@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the modules behind each command are imported only when it runs
+    from .eval.harness import Task
 
 
 def _ints(text: str) -> list[int]:
@@ -112,7 +116,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     passkey.add_argument("--seed", type=int, default=20261129)
 
 
-def _eval_task(args: argparse.Namespace):  # -> NiahTask | RulerTask | PasskeyTask
+def _eval_task(args: argparse.Namespace) -> Task:
     if args.eval_task == "niah":
         from .eval.niah import NiahTask
 
