@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from duoattn import HeadPattern, duo_attention
 from duoattn.cli import main
-from duoattn.eval import runner
+from duoattn.eval import plots, runner
 from duoattn.eval.harness import EvalConfig, run_eval
 from duoattn.eval.niah import NiahTask
 from duoattn.eval.passkey import PasskeyTask
@@ -151,7 +151,7 @@ def test_store_refuses_a_damaged_cells_file(tmp_path):
         ResultStore(tmp_path, {"a": 1})
 
 
-def test_summary_by_hand():
+def test_summary_by_hand(tmp_path):
     def cell(method, label, kind, sample, score, kv):
         return {"method": method, "label": label, "kind": kind, "sparsity": None, "seed": None,
                 "retrieval_ratio": 0.5, "sample": sample, "task": "t", "length": 100, "score": score,
@@ -166,6 +166,7 @@ def test_summary_by_hand():
     assert s["labels"]["r"]["score"] == pytest.approx((1.0 + 0.25) / 2)
     assert s["labels"]["r"]["score_std"] == pytest.approx(0.375)
     assert s["labels"]["r"]["seeds"] == 2 and s["labels"]["r"]["by_length"] == {"100": pytest.approx(0.625)}
+    assert imread(plots.budget_sweep(s, "sweep", tmp_path / "sweep.png")).ndim == 3  # with error bars
 
 
 def test_ruler_and_passkey_runs(tmp_path, model, tok):
