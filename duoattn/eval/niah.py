@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..data.haystack import load_essays, load_text_files, split_sentences
@@ -62,10 +63,10 @@ class NiahTask:
     def samples(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[Sample]:
         text = load_text_files(self.haystack) if self.haystack else load_essays()
         sentences = [s.strip() for s in split_sentences(text) if s.strip()]
+        cells = [(length, depth) for length in self.lengths for depth in self.depths]
         return [
             self._sample(tokenizer, sentences, length, depth, chat_template)
-            for length in self.lengths
-            for depth in self.depths
+            for length, depth in tqdm(cells, desc="prompts", unit="prompt")
         ]
 
     def _sample(

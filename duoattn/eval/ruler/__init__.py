@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..prompts import Sample
@@ -78,6 +79,8 @@ class RulerTask:
 
     def samples(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[Sample]:
         out = []
+        total = len(self.tasks) * len(self.lengths) * self.samples_per_task
+        progress = tqdm(total=total, desc="prompts", unit="prompt")
         for task in self.tasks:
             spec = TASKS[task]
             budget_new = spec.family.TOKENS_TO_GENERATE
@@ -103,4 +106,6 @@ class RulerTask:
                             meta={"task": task, "length": length, "index": i, **meta},
                         )
                     )
+                    progress.update()
+        progress.close()
         return out
