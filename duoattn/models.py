@@ -126,6 +126,23 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, without reading any weights (same sources as :func:`load_model`).
+
+    For a GGUF file (the embedded model included) the converted copy is used when it exists; otherwise the
+    tokenizer is read from the GGUF file directly, which converts nothing and takes a few seconds.
+    """
+    if name_or_path is None or str(name_or_path).endswith(".gguf"):
+        gguf = embedded_gguf() if name_or_path is None else Path(name_or_path)
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {str(gguf)!r} does not exist")
+        converted = _converted_dir(gguf)
+        if (converted / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(converted)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
 # --------------------------------------------------------------------------------------- architecture checks
 def text_config(model: nn.Module) -> PretrainedConfig:
     """The decoder's config (the text config of multimodal models)."""
