@@ -100,6 +100,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the bandwidth bound (default 4.3e12)")
+    p.add_argument("--profile", action="store_true", help="kernel-time breakdown of every decode row (GPU)")
+    p.add_argument("--compile", choices=["none", "norms"], default="none",
+                   help="torch.compile the model's RMSNorm modules before graph capture")
     p.add_argument("--out", default=None, help="directory for config.json, results.json, table.txt, decode.png")
 
 
@@ -129,6 +132,8 @@ def run_bench(args: argparse.Namespace) -> None:
             device=args.device,
             seed=args.seed,
             bandwidth=args.bandwidth,
+            profile=args.profile,
+            compile=args.compile,
             out=args.out,
         )
     )

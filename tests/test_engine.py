@@ -280,3 +280,44 @@ def test_flex_block_mask_lists_every_block_with_a_visible_key(start, size, sink,
     assert listed.sum(dim=1).max() <= flex.max_blocks()
     if size >= 2048:
         assert listed.float().mean() < 0.5  # long chunks: most blocks are skipped
+
+
+# ----------------------------------------------------------------------------------------------- compilation
+def test_the_decode_step_traces_as_one_graph_reused_across_cache_sizes(tiny_model):
+    """Dynamo (eager backend: tracing only) sees the whole decode step - transformers' forward, the static cache, the
+    registered attention - as one graph without breaks, reused for a cache of another size: nothing on the decode
+    path depends on host-side state. The traced step computes what the plain step computes."""
+    from torch._dynamo.utils import counters
+
+    from duoattn.engine.runner import _forward
+
+    ids = ids_of(50)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(_forward, backend="eager", fullgraph=True)
+    with fast_duo_attention(tiny_model, HeadPattern(MIXED, sink=3, recent=7)) as engine:
+        outs = []
+        for fn, max_len in ((_forward, 64), (step, 64), (step, 80)):
+            cache = engine.new_cache(max_len=max_len)
+            prefill(tiny_model, cache, ids[:, :30], 15)
+            for layer in cache.layers:
+                for t in (layer.full_k, layer.full_v):
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, 2)
+            with torch.no_grad():
+                outs.append(torch.stack([fn(tiny_model, ids[:, t : t + 1], cache) for t in range(30, 50)], dim=1))
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], rtol=0, atol=1e-12)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_norms_match_and_are_removed_on_exit(tiny_model):
+    ids = ids_of(20)
+    pattern = HeadPattern(MIXED, sink=3, recent=7)
+    with fast_duo_attention(tiny_model, pattern) as engine:
+        expected = prefill(tiny_model, engine.new_cache(20), ids, 10)
+    with fast_duo_attention(tiny_model, pattern, compile_norms="eager") as engine:
+        assert len(engine.compiled_norms) == 7 and all("forward" in vars(m) for m in engine.compiled_norms)
+        got = prefill(tiny_model, engine.new_cache(20), ids, 10)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert not any("forward" in vars(m) for m in tiny_model.modules())

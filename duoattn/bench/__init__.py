@@ -20,10 +20,15 @@ def run_bench(config: BenchConfig) -> dict:
     """Measure, print the table and then one JSON line (the last line of output), write ``config.out`` if set."""
     device = torch.device(config.device or default_device())
     bandwidth = copy_bandwidth(device)
-    rows = run_rows(config)
-    report = summary(config, rows, environment(device), bandwidth)
-    if config.out:
-        write_outputs(config.out, config, rows, report)
+    env = environment(device)
+
+    def save(rows: list[Row], final: bool = False) -> None:
+        if config.out:  # after every row, so that an interrupted run keeps what it measured
+            write_outputs(config.out, config, rows, summary(config, rows, env, bandwidth), with_plot=final)
+
+    rows = run_rows(config, on_row=save)
+    report = summary(config, rows, env, bandwidth)
+    save(rows, final=True)
     print(table(rows))
     print(json.dumps(report, separators=(",", ":")), flush=True)
     return report

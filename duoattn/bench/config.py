@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..engine.compile import COMPILE_MODES
 from ..kernels.dispatch import DECODE_KERNELS, STREAMING_PREFILL_KERNELS
 from .shapes import SHAPES
 
@@ -34,6 +35,9 @@ class BenchConfig:
         max_context_ratios: ratios whose longest decodable context is searched (empty: no search).
         decode_fill: ``random`` fills the cache with random keys/values (no prefill); ``prefill`` runs a prefill.
         bandwidth: bytes/s used for the bandwidth bound (the measured copy bandwidth is reported as well).
+        profile: add a kernel-time breakdown to every decode row (graph replay and an eager step).
+        compile: ``none``, or ``norms`` to compile the model's RMSNorm modules (``torch.compile``, inductor)
+            before the CUDA graph is captured.
     """
 
     shapes: list[str] = field(default_factory=lambda: ["llama-3-8b"])
@@ -57,6 +61,8 @@ class BenchConfig:
     device: str | None = None
     seed: int = 0
     bandwidth: float = H200_COPY_BANDWIDTH
+    profile: bool = False
+    compile: str = "none"
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -85,6 +91,8 @@ class BenchConfig:
             raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
         if self.streaming_kernel not in STREAMING_PREFILL_KERNELS:
             raise ValueError(f"streaming_kernel must be one of {STREAMING_PREFILL_KERNELS}, got {self.streaming_kernel!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if not self.bandwidth > 0:
@@ -118,6 +126,7 @@ class Row:
     bound_ms: float | None = None
     fill: str | None = None
     kernels: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
     note: str = ""
 
     @property

@@ -141,12 +141,15 @@ def plot(rows: list[Row], path: Path) -> bool:
     return True
 
 
-def write_outputs(out: str | os.PathLike[str], config: BenchConfig, rows: list[Row], report: dict[str, Any]) -> Path:
+def write_outputs(
+    out: str | os.PathLike[str], config: BenchConfig, rows: list[Row], report: dict[str, Any], with_plot: bool = True
+) -> Path:
     """``config.json`` (what made the run), ``results.json``, ``table.txt`` and ``decode.png`` under ``out``."""
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
     _atomic_write(directory / "results.json", (json.dumps(report, indent=2) + "\n").encode())
     _atomic_write(directory / "table.txt", (table(rows) + "\n").encode())
-    plot(rows, directory / "decode.png")
+    if with_plot:
+        plot(rows, directory / "decode.png")
     return directory

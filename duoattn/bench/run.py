@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -13,11 +13,13 @@ from transformers import DynamicCache, PreTrainedModel
 from ..cache import cache_kv_bytes
 from ..engine import DecodeRunner, fast_duo_attention, prefill
 from ..engine.cache import StaticDuoCache
+from ..engine.runner import _forward
 from ..kernels.dispatch import KernelChoice
 from ..models import default_device, load_model, text_config
 from ..patch import cache_kwarg
 from ..pattern import HeadPattern
 from .config import BenchConfig, Row
+from .profile import kernel_profile
 from .shapes import build_random_model, weight_bytes_read
 from .timing import median, peak_bytes, reset_peak, time_ms, time_once_s
 
@@ -60,35 +62,64 @@ class Bench:
         return (self.weights + kv_read) / self.config.bandwidth * 1e3
 
     @contextmanager
-    def engine(self, ratio: float) -> Iterator:
+    def engine(self, ratio: float, compile_norms: bool = False) -> Iterator:
         with fast_duo_attention(self.model, self.pattern, sparsity=1.0 - ratio, sink=self.config.sink,
-                                recent=self.config.recent) as engine:
+                                recent=self.config.recent, compile_norms="inductor" if compile_norms else None) as engine:
             yield engine
 
     # ------------------------------------------------------------------------------------------------ decode
     def decode(self, ratio: float, context: int) -> Row:
+        """Median ms/token of graph-replayed decode steps; if the graph or the Triton kernels fail, the row is
+        measured again without them and says why."""
+        row = self._decode(ratio, context, self.kernels, self.config.graph, self.config.compile)
+        if row.status == "error" and self.device.type == "cuda":
+            fallback = self._decode(ratio, context, KernelChoice("torch", self.config.streaming_kernel), False, "none")
+            fallback.note = f"fallback to eager torch kernels, no compile, after: {row.note}"
+            return fallback
+        return row
+
+    def _decode(self, ratio: float, context: int, kernels: KernelChoice, graph: bool, compile: str) -> Row:
         c = self.config
         row = Row("decode", path_name(ratio), self.shape, ratio, context, fill=c.decode_fill)
         cache = runner = None
         release(self.device)
         reset_peak(self.device)
         try:
-            with self.engine(ratio) as engine:
-                cache = engine.new_cache(context + c.warmup + c.steps + 2, kernels=self.kernels)
+            with self.engine(ratio, compile_norms=compile == "norms") as engine:
+                cache = engine.new_cache(context + c.warmup + c.steps + 16, kernels=kernels)
                 self._fill(cache, context)
-                runner = DecodeRunner(self.model, cache, graph=c.graph and self.device.type == "cuda")
+                runner = DecodeRunner(self.model, cache, graph=graph and self.device.type == "cuda")
                 times = time_ms(runner.replay, self.device, c.warmup, c.steps)
                 row.ms_per_token, row.ms_spread = median(times), [min(times), max(times)]
                 row.kv_bytes, row.kv_read_bytes = cache.kv_bytes(), cache.kv_bytes_read(context)
-                row.kernels = {**cache.describe(), "cuda_graph": runner.graph is not None}
+                row.kernels = {**cache.describe(), "cuda_graph": runner.graph is not None, "compile": compile}
+                if c.profile:
+                    row.profile = self._profile(runner)
         except OOM as err:
             row.status, row.note = "oom", str(err).split("\n")[0][:160]
+        except Exception as err:  # noqa: BLE001 - measured again without graph / Triton by decode()
+            row.status, row.note = "error", repr(err)[:300]
         finally:
             row.peak_bytes = peak_bytes(self.device)
             del cache, runner
             release(self.device)
         self._finish(row)
         return row
+
+    def _profile(self, runner: DecodeRunner) -> dict | None:
+        """Kernel time of graph replays, and of eager steps (the same kernels launched one by one)."""
+        replay = kernel_profile(runner.replay, self.device)
+        clock = runner.cache.clock
+        saved = clock.clone()
+
+        def eager() -> None:
+            with torch.no_grad():
+                _forward(self.model, runner.ids, runner.cache)
+            clock.copy_(saved)
+
+        # Wall time of the same step launched eagerly: the host-side cost that graph replay removes.
+        wall = median(time_ms(eager, self.device, warmup=1, iters=3))
+        return {"graph_replay": replay, "eager_step": kernel_profile(eager, self.device), "eager_step_wall_ms": wall}
 
     def _fill(self, cache: StaticDuoCache, context: int) -> None:
         if self.config.decode_fill == "random":
@@ -99,7 +130,7 @@ class Bench:
 
     def _finish(self, row: Row) -> None:
         row.weight_read_bytes = self.weights
-        if row.kv_read_bytes is not None:
+        if row.kv_read_bytes is not None and self.device.type == "cuda":  # a GPU memory-bandwidth bound
             row.bound_ms = self.bound_ms(row.kv_read_bytes)
 
     def stock_decode(self, context: int) -> Row:
@@ -231,8 +262,9 @@ def models_under_test(config: BenchConfig, device: torch.device, dtype: torch.dt
         yield shape, build_random_model(shape, device, dtype, seed=config.seed)
 
 
-def run_rows(config: BenchConfig) -> list[Row]:
-    """Every row the config asks for, in a stable order; progress on stderr."""
+def run_rows(config: BenchConfig, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Every row the config asks for, in a stable order; progress on stderr. ``on_row`` sees the rows so far after
+    each one (to save partial results of a long run)."""
     device = torch.device(config.device or default_device())
     dtype = getattr(torch, config.dtype)
     rows: list[Row] = []
@@ -242,15 +274,17 @@ def run_rows(config: BenchConfig) -> list[Row]:
         jobs += [("decode", r, n) for r in config.ratios for n in config.contexts]
         jobs += [("prefill", r, n) for r in config.ratios for n in config.prefill_contexts]
         jobs += [("max_context", r, 0) for r in config.max_context_ratios]
+        run = {"stock": lambda r, n: bench.stock_decode(n), "decode": bench.decode, "prefill": bench.prefill,
+               "max_context": lambda r, n: bench.max_context(r)}
         for kind, ratio, n in tqdm(jobs, desc=f"bench {shape}", unit="row"):
-            if kind == "stock":
-                rows.append(bench.stock_decode(n))
-            elif kind == "decode":
-                rows.append(bench.decode(ratio, n))
-            elif kind == "prefill":
-                rows.append(bench.prefill(ratio, n))
-            else:
-                rows.append(bench.max_context(ratio))
+            try:
+                rows.append(run[kind](ratio, n))
+            except Exception as err:  # noqa: BLE001 - one broken row must not lose the others' measurements
+                path = "stock" if kind == "stock" else path_name(ratio)
+                rows.append(Row(kind, path, shape, ratio, n, status="error", note=repr(err)[:300]))
+                release(device)
+            if on_row is not None:
+                on_row(rows)
         del bench, model
         release(device)
     return rows

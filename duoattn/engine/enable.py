@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from ..pattern import HeadPattern
 from ..roles import LayerRoles
 from .attention import ATTN_NAME, register
 from .cache import StaticDuoCache
+from .compile import compile_norms as compile_norm_modules
+from .compile import restore_norms
 from .reorder import HeadOrder, permute_heads
 
 ENGINE_ATTR = "_duoattn_engine"
@@ -43,6 +45,7 @@ class FastDuo:
     sink: int
     recent: int
     previous_attn_implementation: str
+    compiled_norms: list = field(default_factory=list)
 
     @property
     def retrieval_ratio(self) -> float:
@@ -78,11 +81,13 @@ def enable_fast_duo(
     sparsity: float | None = None,
     sink: int | None = None,
     recent: int | None = None,
+    compile_norms: str | None = None,
 ) -> FastDuo:
     """Switch ``model`` to the fast engine in place; undo with :func:`disable_fast_duo`.
 
     ``pattern`` is binarised with ``sparsity`` (fraction of streaming heads) or, if None, threshold 0.5. A pattern of
-    all retrieval heads gives the engine's full-attention path.
+    all retrieval heads gives the engine's full-attention path. ``compile_norms`` names a ``torch.compile`` backend
+    for the model's RMSNorm modules (see :mod:`duoattn.engine.compile`).
     """
     if getattr(model, ENGINE_ATTR, None) is not None or getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError("DuoAttention is already enabled on this model; disable it first")
@@ -107,6 +112,8 @@ def enable_fast_duo(
             setattr(module, ROLES_ATTR, LayerRoles.build(torch.from_numpy(contiguous), groups, sink, recent, device))
         register()
         model.set_attn_implementation(ATTN_NAME)
+        if compile_norms is not None:
+            engine.compiled_norms = compile_norm_modules(model, backend=compile_norms)
     except BaseException:
         disable_fast_duo(model)
         raise
@@ -118,6 +125,7 @@ def disable_fast_duo(model: PreTrainedModel) -> None:
     engine: FastDuo | None = getattr(model, ENGINE_ATTR, None)
     if engine is None:
         raise RuntimeError("the fast DuoAttention engine is not enabled on this model")
+    restore_norms(engine.compiled_norms)
     if text_config(model)._attn_implementation != engine.previous_attn_implementation:
         model.set_attn_implementation(engine.previous_attn_implementation)
     for module in attention_modules(model):
@@ -134,9 +142,10 @@ def fast_duo_attention(
     sparsity: float | None = None,
     sink: int | None = None,
     recent: int | None = None,
+    compile_norms: str | None = None,
 ) -> Iterator[FastDuo]:
     """``with fast_duo_attention(model, pattern, sparsity=0.75) as engine:`` - see :func:`enable_fast_duo`."""
-    engine = enable_fast_duo(model, pattern, sparsity, sink, recent)
+    engine = enable_fast_duo(model, pattern, sparsity, sink, recent, compile_norms)
     try:
         yield engine
     finally:

@@ -51,7 +51,8 @@ def _append_kernel(
 
 
 @triton.jit
-def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr, D: tl.constexpr):
+def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr, D: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """Online softmax of queries ``q [GP, D]`` over keys ``lo..hi-1``; scores in the log2 domain."""
     n_off = tl.arange(0, BLOCK)
     d = tl.arange(0, D)
@@ -60,13 +61,13 @@ def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr
         valid = n < hi
         k = tl.load(K + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(V + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     return acc, m, l
 
@@ -82,6 +83,7 @@ def _decode_kernel(
     s_lb, s_lh,
     n_ret, cap, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -101,7 +103,7 @@ def _decode_kernel(
         lo = s * per
         hi = tl.minimum(lo + per, length)
         acc, m, l = _attend_range(
-            acc, m, l, q, FK + b * s_fb + h * s_fh, FV + b * s_fb + h * s_fh, s_ft, lo, hi, qk_scale, BLOCK, D
+            acc, m, l, q, FK + b * s_fb + h * s_fh, FV + b * s_fb + h * s_fh, s_ft, lo, hi, qk_scale, BLOCK, D, PRECISION
         )
         has = l > 0  # an empty split contributes nothing to the merge
         l_safe = tl.where(has, l, 1.0)
@@ -116,7 +118,7 @@ def _decode_kernel(
         # While the sequence is shorter than the ring, slot = position: the first `length` slots are filled.
         n = tl.minimum(length, cap)
         acc, m, l = _attend_range(
-            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale, BLOCK, D
+            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale, BLOCK, D, PRECISION
         )
         o = acc / l[:, None]
         tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
@@ -233,6 +235,7 @@ def decode_attention(
         partial_lse.stride(0), partial_lse.stride(1),
         n_ret, cap, scale * LOG2E,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,  # float32 caches (tests): no tf32 rounding
         num_warps=4, num_stages=3,
     )
     if n_ret:

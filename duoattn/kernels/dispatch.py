@@ -14,7 +14,6 @@ Every path is graph-safe on the decode side: lengths are read from the device cl
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +23,18 @@ import torch.nn.functional as F
 
 from .attention import causal_attention, streaming_attention
 
+try:  # optional: the Triton kernels need the triton package (CUDA machines have it with PyTorch)
+    from . import decode_triton
+except ImportError:
+    decode_triton = None
+
 DECODE_KERNELS = ("auto", "triton", "torch")
 STREAMING_PREFILL_KERNELS = ("auto", "flex", "flex-eager", "blocks")
 DECODE_BLOCK = 64
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return decode_triton is not None
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,7 @@ def decode_splits(kernels: KernelChoice, batch: int, n_ret: int, max_len: int) -
     """How many ranges the split-KV kernel cuts each retrieval head's cache into (1 for the torch path)."""
     if kernels.decode != "triton":
         return 1
-    from .decode_triton import default_splits
-
-    return default_splits(batch, n_ret, max_len, DECODE_BLOCK)
+    return decode_triton.default_splits(batch, n_ret, max_len, DECODE_BLOCK)
 
 
 def append_token(
@@ -93,9 +95,7 @@ def append_token(
 ) -> None:
     """Store one token ``k, v [B, Hkv, 1, D]`` at position ``clock - 1`` (retrieval heads first, then the ring)."""
     if kernels.decode == "triton":
-        from .decode_triton import append_token as triton_append
-
-        triton_append(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
+        decode_triton.append_token(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
         return
     pos = (clock - 1).view(1)
     n_ret = 0 if full_k is None else full_k.shape[1]
@@ -124,10 +124,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """``q [B, Hq, 1, D]`` (retrieval query heads first) over the cache -> ``out [B, 1, Hq, D]``."""
     if kernels.decode == "triton":
-        from .decode_triton import decode_attention as triton_decode
-
-        triton_decode(q, full_k, full_v, ring_k, ring_v, clock, out, partial_out, partial_lse, scale, splits,
-                      block=DECODE_BLOCK)
+        decode_triton.decode_attention(q, full_k, full_v, ring_k, ring_v, clock, out, partial_out, partial_lse, scale,
+                                       splits, block=DECODE_BLOCK)
         return out
     n_ret = 0 if full_k is None else full_k.shape[1]
     n_str = 0 if ring_k is None else ring_k.shape[1]
@@ -159,8 +157,8 @@ def prefill_streaming(
     """Streaming heads of one chunk: ``q [B, n_str * G, C, D]`` over the scratch ``k, v [B, n_str, L, D]`` laid out by
     ``plan`` (a :class:`duoattn.engine.plan.ChunkPlan`) -> ``[B, n_str * G, C, D]``.
 
-    ``workspace`` is per cache: FlexAttention keeps its position tensors there. If compiled FlexAttention fails, the
-    cache falls back to the block-by-block SDPA kernel for good and says so once.
+    ``workspace`` is per cache. If compiled FlexAttention fails, the cache falls back to the block-by-block SDPA
+    kernel for good, records why in ``workspace["flex_failed"]`` and warns once.
     """
     if kernels.streaming_prefill in ("flex", "flex-eager") and not workspace.get("flex_failed"):
         try:
@@ -178,12 +176,9 @@ def prefill_streaming(
 
 
 def _flex_prefill(kernels, q, k, v, plan, workspace, scale) -> torch.Tensor:
-    from .flex import FlexStreaming, flex_streaming_attention
+    from .flex import flex_streaming_attention, streaming_state
 
-    flex = workspace.get("flex")
-    if flex is None:
-        flex = workspace["flex"] = FlexStreaming(plan.sink, plan.recent, plan.prefix, q.device)
     mask = plan.extras.get("flex_mask")
     if mask is None:
-        mask = plan.extras["flex_mask"] = flex.block_mask(plan)
+        mask = plan.extras["flex_mask"] = streaming_state(plan.sink, plan.recent, plan.prefix, q.device).block_mask(plan)
     return flex_streaming_attention(q, k, v, mask, scale, compiled=kernels.streaming_prefill == "flex")

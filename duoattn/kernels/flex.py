@@ -20,6 +20,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128
 _compiled: Any = None
+_states: dict[tuple[int, int, int, str], "FlexStreaming"] = {}
 
 
 def _flex() -> Any:
@@ -30,9 +31,19 @@ def _flex() -> Any:
     return _compiled
 
 
+def streaming_state(sink: int, recent: int, prefix: int, device: torch.device) -> FlexStreaming:
+    """The :class:`FlexStreaming` of this window and device, one per process: every cache with the same window
+    shares its ``mask_mod``, so a second cache does not recompile the kernel. (A chunk's forward pass runs all
+    layers before the next chunk is planned, so sharing the position tensors is safe.)"""
+    key = (sink, recent, prefix, str(device))
+    if key not in _states:
+        _states[key] = FlexStreaming(sink, recent, prefix, device)
+    return _states[key]
+
+
 class FlexStreaming:
-    """Per-cache state: the position tensors ``mask_mod`` reads, updated in place for every chunk so that the same
-    ``mask_mod`` (and so the same compiled kernel) serves every chunk and layer."""
+    """The position tensors ``mask_mod`` reads, updated in place for every chunk so that the same ``mask_mod`` (and
+    so the same compiled kernel) serves every chunk and layer."""
 
     def __init__(self, sink: int, recent: int, prefix: int, device: torch.device):
         self.sink, self.recent, self.prefix, self.device = sink, recent, prefix, device
