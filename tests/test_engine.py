@@ -128,7 +128,8 @@ def test_ring_keeps_exactly_sink_and_recent_over_many_steps(sink, recent, chunks
 
 
 def test_chunk_plan_by_hand():
-    # sink 2, recent 4, 10 tokens stored, chunk 10..14: sees 0, 1 and 7, 8, 9; keeps 11, 12, 13 | 14 in slots 3, 4, 5 | 2
+    # sink 2, recent 4, 10 tokens stored, chunk 10..14: sees 0, 1 and 7, 8, 9;
+    # keeps 11, 12, 13 | 14 in slots 3, 4, 5 | 2
     plan = ChunkPlan.build(10, 5, sink=2, recent=4)
     assert (plan.n_sink, plan.run_start, plan.n_run, plan.prefix) == (2, 7, 3, 128)
     # positions 7, 8, 9 live in slots 2 + (p - 2) % 4 = 3, 4, 5

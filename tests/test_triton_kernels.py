@@ -16,7 +16,8 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("the triton package is not installed", allow_module_level=True)
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True)
+    pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)",
+                allow_module_level=True)
 
 from conftest import dense_reference_forward, tiny_llama  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402

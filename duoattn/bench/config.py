@@ -90,7 +90,9 @@ class BenchConfig:
         if self.decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
         if self.streaming_kernel not in STREAMING_PREFILL_KERNELS:
-            raise ValueError(f"streaming_kernel must be one of {STREAMING_PREFILL_KERNELS}, got {self.streaming_kernel!r}")
+            raise ValueError(
+                f"streaming_kernel must be one of {STREAMING_PREFILL_KERNELS}, got {self.streaming_kernel!r}"
+            )
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in ("bfloat16", "float16", "float32"):

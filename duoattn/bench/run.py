@@ -63,8 +63,10 @@ class Bench:
 
     @contextmanager
     def engine(self, ratio: float, compile_norms: bool = False) -> Iterator:
-        with fast_duo_attention(self.model, self.pattern, sparsity=1.0 - ratio, sink=self.config.sink,
-                                recent=self.config.recent, compile_norms="inductor" if compile_norms else None) as engine:
+        c = self.config
+        norms = "inductor" if compile_norms else None
+        with fast_duo_attention(self.model, self.pattern, sparsity=1.0 - ratio, sink=c.sink, recent=c.recent,
+                                compile_norms=norms) as engine:
             yield engine
 
     # ------------------------------------------------------------------------------------------------ decode
@@ -192,8 +194,9 @@ class Bench:
                 row.prefill_s = time_once_s(lambda: prefill(self.model, cache, ids, chunk), self.device)
                 row.kv_bytes = cache.kv_bytes()
                 row.kernels = cache.describe()
-                if cache.state.kernel_workspace.get("flex_failed"):
-                    row.note += f"; FlexAttention failed, used SDPA blocks: {cache.state.kernel_workspace['flex_failed']}"
+                failed = cache.state.kernel_workspace.get("flex_failed")
+                if failed:
+                    row.note += f"; FlexAttention failed, used SDPA blocks: {failed}"
         except OOM as err:
             row.status, row.note = "oom", str(err).split("\n")[0][:160]
         finally:
@@ -252,7 +255,9 @@ class Bench:
             release(self.device)
 
 
-def models_under_test(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, PreTrainedModel]]:
+def models_under_test(
+    config: BenchConfig, device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[str, PreTrainedModel]]:
     if config.model is not None:
         model, _ = load_model(config.model, dtype=dtype, device=device)
         yield config.model, model

@@ -95,7 +95,9 @@ class StaticDuoLayer(CacheLayerMixin):
     def __init__(self, state: CacheState, layer_idx: int, num_retrieval: int):
         super().__init__()
         if not 0 <= num_retrieval <= state.num_kv_heads:
-            raise ValueError(f"layer {layer_idx}: num_retrieval must be in [0, {state.num_kv_heads}], got {num_retrieval}")
+            raise ValueError(
+                f"layer {layer_idx}: num_retrieval must be in [0, {state.num_kv_heads}], got {num_retrieval}"
+            )
         self.state, self.layer_idx = state, layer_idx
         self.n_ret, self.n_str = num_retrieval, state.num_kv_heads - num_retrieval
         s = state
@@ -201,7 +203,9 @@ class StaticDuoLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
-            raise NotImplementedError("a DuoAttention cache cannot be cropped: streaming heads dropped the evicted tokens")
+            raise NotImplementedError(
+                "a DuoAttention cache cannot be cropped: streaming heads dropped the evicted tokens"
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("the static DuoAttention cache does not support beam search")
@@ -281,7 +285,8 @@ class StaticDuoCache(Cache):
         self.set_length(tokens)
         n_ring = min(tokens, self.state.capacity)
         for layer in self.layers:
-            for t, n in ((layer.full_k, tokens), (layer.full_v, tokens), (layer.ring_k, n_ring), (layer.ring_v, n_ring)):
+            parts = ((layer.full_k, tokens), (layer.full_v, tokens), (layer.ring_k, n_ring), (layer.ring_v, n_ring))
+            for t, n in parts:
                 if t is not None and n:
                     t[:, :, :n].normal_(0.0, std, generator=generator)
 

@@ -85,7 +85,8 @@ class ChunkPlan:
         if start < sink:
             plan.keep.append((0, start, min(end, sink) - start))
         first_kept = max(start, sink, end - recent)
-        plan.keep += [(first_kept - start + off, slot, n) for off, slot, n in _ring_spans(first_kept, end, sink, recent)]
+        kept = _ring_spans(first_kept, end, sink, recent)
+        plan.keep += [(first_kept - start + off, slot, n) for off, slot, n in kept]
         return plan
 
     @property

@@ -103,7 +103,8 @@ def _decode_kernel(
         lo = s * per
         hi = tl.minimum(lo + per, length)
         acc, m, l = _attend_range(
-            acc, m, l, q, FK + b * s_fb + h * s_fh, FV + b * s_fb + h * s_fh, s_ft, lo, hi, qk_scale, BLOCK, D, PRECISION
+            acc, m, l, q, FK + b * s_fb + h * s_fh, FV + b * s_fb + h * s_fh, s_ft, lo, hi, qk_scale,
+            BLOCK, D, PRECISION,
         )
         has = l > 0  # an empty split contributes nothing to the merge
         l_safe = tl.where(has, l, 1.0)
@@ -118,7 +119,8 @@ def _decode_kernel(
         # While the sequence is shorter than the ring, slot = position: the first `length` slots are filled.
         n = tl.minimum(length, cap)
         acc, m, l = _attend_range(
-            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale, BLOCK, D, PRECISION
+            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale,
+            BLOCK, D, PRECISION,
         )
         o = acc / l[:, None]
         tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
@@ -187,7 +189,9 @@ def default_splits(batch: int, n_ret: int, max_len: int, block: int) -> int:
     """Splits per retrieval KV head: enough programs to fill the GPU (about four per multiprocessor)."""
     if n_ret == 0:
         return 1
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 8
+    sms = 8  # the interpreter's stand-in
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     want = triton.cdiv(4 * sms, batch * n_ret)
     return max(1, min(triton.next_power_of_2(want), 256, triton.next_power_of_2(triton.cdiv(max_len, block))))
 
@@ -213,7 +217,8 @@ def decode_attention(
         full_k, full_v: ``[B, n_ret, max_len, D]`` or None; the first ``clock`` tokens are valid.
         ring_k, ring_v: ``[B, n_str, cap, D]`` or None; the first ``min(clock, cap)`` slots are valid.
         out: ``[B, 1, Hq, D]``.
-        partial_out, partial_lse: float32 workspaces ``[B, >= n_ret * G, >= splits, D]`` and ``[B, >= n_ret * G, >= splits]``.
+        partial_out, partial_lse: float32 workspaces ``[B, >= n_ret * G, >= splits, D]`` and
+            ``[B, >= n_ret * G, >= splits]``.
         splits: ranges per retrieval KV head (fixed for the life of a captured graph).
     """
     bsz, hq, _, d = q.shape

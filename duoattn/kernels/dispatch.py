@@ -180,5 +180,6 @@ def _flex_prefill(kernels, q, k, v, plan, workspace, scale) -> torch.Tensor:
 
     mask = plan.extras.get("flex_mask")
     if mask is None:
-        mask = plan.extras["flex_mask"] = streaming_state(plan.sink, plan.recent, plan.prefix, q.device).block_mask(plan)
+        state = streaming_state(plan.sink, plan.recent, plan.prefix, q.device)
+        mask = plan.extras["flex_mask"] = state.block_mask(plan)
     return flex_streaming_attention(q, k, v, mask, scale, compiled=kernels.streaming_prefill == "flex")
