@@ -152,11 +152,82 @@ def run_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
     )
     evaluate(config, _eval_task(args))
+# -------------------------------------------------------------------------------------------------- bench
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="decode / prefill speed and memory: full attention vs DuoAttention vs stock")
+    p.add_argument("--shapes", type=_names, default=["llama-3-8b"],
+                   help="random-weight model shapes: llama-3-8b, llama-2-7b, tiny (default llama-3-8b)")
+    p.add_argument("--model", default=None, help="a real model (HF id, directory, .gguf) instead of --shapes")
+    p.add_argument("--pattern", default=None, help="pattern directory for --model (default: random gates)")
+    p.add_argument("--ratios", type=_floats, default=[1.0, 0.5, 0.25],
+                   help="fractions of retrieval KV heads; 1 = the engine's full-attention path (default 1,0.5,0.25)")
+    p.add_argument("--contexts", type=_ints, default=[131072], help="decode context lengths in tokens")
+    p.add_argument("--prefill-contexts", type=_ints, default=[], help="prompt lengths for chunked prefill timing")
+    p.add_argument("--prefill-chunk", type=int, default=32768, help="prefill chunk size in tokens (default 32768)")
+    p.add_argument("--stock-contexts", type=_ints, default=[],
+                   help="contexts for the reference row: transformers' SDPA attention with its dynamic cache")
+    p.add_argument("--max-context-ratios", type=_floats, default=[],
+                   help="ratios whose longest decodable context is searched (GPU only)")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50, help="timed decode steps (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed decode steps first (default 10)")
+    p.add_argument("--decode-fill", choices=["random", "prefill"], default="random",
+                   help="fill decode caches with random keys/values (default) or a real prefill")
+    p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
+    p.add_argument("--decode-kernel", default="auto", help="auto, triton or torch")
+    p.add_argument("--streaming-kernel", default="auto", help="auto, flex, flex-eager or blocks")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the bandwidth bound (default 4.3e12)")
+    p.add_argument("--profile", action="store_true", help="kernel-time breakdown of every decode row (GPU)")
+    p.add_argument("--compile", choices=["none", "norms"], default="none",
+                   help="torch.compile the model's RMSNorm modules before graph capture")
+    p.add_argument("--out", default=None, help="directory for config.json, results.json, table.txt, decode.png")
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchConfig, run_bench as bench
+
+    bench(
+        BenchConfig(
+            shapes=args.shapes,
+            model=args.model,
+            pattern=args.pattern,
+            ratios=args.ratios,
+            contexts=args.contexts,
+            prefill_contexts=args.prefill_contexts,
+            prefill_chunk=args.prefill_chunk,
+            stock_contexts=args.stock_contexts,
+            max_context_ratios=args.max_context_ratios,
+            sink=args.sink,
+            recent=args.recent,
+            steps=args.steps,
+            warmup=args.warmup,
+            decode_fill=args.decode_fill,
+            graph=not args.no_graph,
+            decode_kernel=args.decode_kernel,
+            streaming_kernel=args.streaming_kernel,
+            dtype=args.dtype,
+            device=args.device,
+            seed=args.seed,
+            bandwidth=args.bandwidth,
+            profile=args.profile,
+            compile=args.compile,
+            out=args.out,
+        )
+    )
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
     "eval": (add_eval, run_eval),
+    "bench": (add_bench, run_bench),
 }
 
 

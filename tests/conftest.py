@@ -3,18 +3,25 @@ attention function, and the embedded SmolLM2."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import torch
-import transformers
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface
 
-from duoattn import duo_attention
-from duoattn.kernels.reference import reference_attention
-from duoattn.patch import ATTN_NAME, ROLES_ATTR, cache_kwarg, duo_mask
+if not torch.cuda.is_available():
+    # Triton kernels (optional dependency) then run in Triton's interpreter. The flag must be set before anything
+    # imports triton (transformers does), since triton.language's own helpers are defined at that moment.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+from duoattn import duo_attention  # noqa: E402
+from duoattn.kernels.reference import reference_attention  # noqa: E402
+from duoattn.patch import ATTN_NAME, ROLES_ATTR, cache_kwarg, duo_mask  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, max_position_embeddings=4096)
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)

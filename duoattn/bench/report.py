@@ -1,0 +1,155 @@
+"""What ``duoattn bench`` prints and writes: a table, one JSON line, and a plot of decode latency and memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import BenchConfig, Row
+
+GIB = float(1 << 30)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    from .. import __version__
+
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "duoattn": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 1)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _tokens(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1 << 10 and n % (1 << 10) == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+def table(rows: list[Row]) -> str:
+    """A fixed-width table, one line per row."""
+    head = ("kind", "shape", "path", "retr", "context", "ms/tok", "bound ms", "x bound", "prefill s", "peak GiB",
+            "KV GiB", "status")
+    lines = [head]
+    for r in rows:
+        lines.append((
+            r.kind, r.shape, r.path, f"{r.ratio:.2f}", _tokens(r.context) if r.context else "-",
+            _fmt(r.ms_per_token, ".2f"), _fmt(r.bound_ms, ".2f"), _fmt(r.vs_bound, ".2f"), _fmt(r.prefill_s, ".2f"),
+            _fmt(None if r.peak_bytes is None else r.peak_bytes / GIB, ".1f"),
+            _fmt(None if r.kv_bytes is None else r.kv_bytes / GIB, ".2f"), r.status,
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def summary(config: BenchConfig, rows: list[Row], env: dict[str, Any], bandwidth: float | None) -> dict[str, Any]:
+    return {
+        "bench": "duoattn",
+        **env,
+        "measured_copy_bandwidth": bandwidth,
+        "bound_bandwidth": config.bandwidth,
+        "settings": config.to_dict(),
+        "decode_cache_fill": "random keys and values (no prefill)" if config.decode_fill == "random" else "prefill",
+        "rows": [r.to_dict() for r in rows],
+    }
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    """Decode ms/token and peak memory versus context, one line per (shape, path, ratio). False if nothing to plot."""
+    decode = [r for r in rows if r.kind == "decode" and r.status == "ok" and r.ms_per_token is not None]
+    if not decode:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series: dict[tuple[str, str, float], list[Row]] = {}
+    for r in decode:
+        series.setdefault((r.shape, r.path, r.ratio), []).append(r)
+    for (shape, path_, ratio), rs in sorted(series.items()):
+        rs.sort(key=lambda r: r.context)
+        label = f"{shape} {path_}" + (f" {ratio:.0%} retrieval" if path_ == "duo" else "")
+        style = {"stock": ":", "full": "--", "duo": "-"}[path_]
+        xs = [r.context for r in rs]
+        ax_t.plot(xs, [r.ms_per_token for r in rs], style, marker="o", label=label)
+        if all(r.peak_bytes is not None for r in rs):
+            ax_m.plot(xs, [r.peak_bytes / GIB for r in rs], style, marker="o", label=label)
+    for ax, title, unit in ((ax_t, "decode latency", "ms / token"), (ax_m, "peak GPU memory", "GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def write_outputs(
+    out: str | os.PathLike[str], config: BenchConfig, rows: list[Row], report: dict[str, Any], with_plot: bool = True
+) -> Path:
+    """``config.json`` (what made the run), ``results.json``, ``table.txt`` and ``decode.png`` under ``out``."""
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    _atomic_write(directory / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+    _atomic_write(directory / "table.txt", (table(rows) + "\n").encode())
+    if with_plot:
+        plot(rows, directory / "decode.png")
+    return directory

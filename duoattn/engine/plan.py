@@ -1,0 +1,103 @@
+"""Where each token lives while a prefill chunk is processed: the streaming scratch layout and the ring copies.
+
+The streaming heads of a chunk at positions ``start..end-1`` attend over a scratch buffer laid out as::
+
+    index:    0 .. n_sink-1   |  (unused)  |  prefix-n_run .. prefix-1  |  prefix .. prefix+C-1
+    position: 0 .. n_sink-1   |            |  run_start .. start-1      |  start .. end-1
+
+i.e. the stored sink tokens, the stored recent tokens in position order, then the chunk. When the chunk itself
+holds sink positions (``start < sink``) they are also copied to indices ``start .. min(end, sink) - 1``, so that
+indices ``0 .. sink_visible - 1`` hold every sink token the chunk sees; kernels that read positions per index count
+those copies once (see :mod:`duoattn.kernels.flex`). ``prefix`` is a fixed
+multiple of 128 (so the chunk starts on a block boundary for block-sparse kernels) of at least ``sink + recent - 1``.
+The recent part and the chunk form one consecutive run of positions, which is what
+:func:`duoattn.kernels.attention.streaming_attention` expects.
+
+Ring slots follow :mod:`duoattn.cache`: position ``p < sink`` lives in slot ``p``, position ``p >= sink`` in slot
+``sink + (p - sink) % recent``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCK = 128
+
+
+def prefix_length(sink: int, recent: int) -> int:
+    """Scratch slots before the chunk: room for ``sink`` + ``recent - 1`` stored tokens, rounded up to 128."""
+    need = sink + recent - 1
+    return max(BLOCK, -(-need // BLOCK) * BLOCK)
+
+
+def _ring_spans(first: int, last: int, sink: int, recent: int) -> list[tuple[int, int, int]]:
+    """Positions ``first..last-1`` (all ``>= sink``, at most ``recent`` of them) as ``(offset, slot, count)`` spans of
+    consecutive ring slots: the ring wraps at most once."""
+    spans, pos = [], first
+    while pos < last:
+        slot = sink + (pos - sink) % recent
+        count = min(last - pos, sink + recent - slot)
+        spans.append((pos - first, slot, count))
+        pos += count
+    return spans
+
+
+@dataclass
+class ChunkPlan:
+    """One prefill chunk ``[start, start + size)``: what the streaming heads see and which tokens the ring keeps.
+
+    Attributes:
+        n_sink: stored sink tokens the chunk can see (positions ``0..n_sink-1``).
+        run_start, n_run: stored recent tokens the chunk can see (positions ``run_start..start-1``).
+        gather: ``(scratch_index, slot, count)`` copies from the ring into the scratch, before the chunk is stored.
+        keep: ``(chunk_offset, slot, count)`` copies of chunk tokens into the ring, after the scratch is filled.
+        extras: per-kernel artefacts built once per chunk and shared by every layer (for example a block mask).
+    """
+
+    start: int
+    size: int
+    sink: int
+    recent: int
+    prefix: int
+    n_sink: int = 0
+    run_start: int = 0
+    n_run: int = 0
+    gather: list[tuple[int, int, int]] = field(default_factory=list)
+    keep: list[tuple[int, int, int]] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, start: int, size: int, sink: int, recent: int) -> ChunkPlan:
+        if start < 0 or size < 1:
+            raise ValueError(f"a chunk needs start >= 0 and size >= 1, got start={start}, size={size}")
+        plan = cls(start=start, size=size, sink=sink, recent=recent, prefix=prefix_length(sink, recent))
+        end = start + size
+        plan.n_sink = min(start, sink)
+        # The first query (at `start`) sees positions > start - recent; later queries see less of the past.
+        plan.run_start = max(sink, start - recent + 1) if start > sink else start
+        plan.n_run = start - plan.run_start
+        if plan.n_sink:
+            plan.gather.append((0, 0, plan.n_sink))
+        first = plan.prefix - plan.n_run
+        plan.gather += [(first + off, slot, n) for off, slot, n in _ring_spans(plan.run_start, start, sink, recent)]
+        # Kept: positions below `sink`, and the last `recent` positions >= sink overall.
+        if start < sink:
+            plan.keep.append((0, start, min(end, sink) - start))
+        first_kept = max(start, sink, end - recent)
+        kept = _ring_spans(first_kept, end, sink, recent)
+        plan.keep += [(first_kept - start + off, slot, n) for off, slot, n in kept]
+        return plan
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def sink_visible(self) -> int:
+        """Sink tokens visible to the chunk's last query, stored or in the chunk: indices ``0..sink_visible-1``."""
+        return min(self.end, self.sink)
+
+    @property
+    def scratch_length(self) -> int:
+        return self.prefix + self.size

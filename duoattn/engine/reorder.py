@@ -1,0 +1,105 @@
+"""Reversible head reordering: make each layer's retrieval KV heads (and their query heads) a contiguous prefix.
+
+For every attention layer with KV-head permutation ``perm`` (new head ``i`` is old head ``perm[i]``, retrieval heads
+first, each group in its original order), the rows of ``q_proj`` (per query head), ``k_proj`` and ``v_proj`` (per
+KV head) and their biases, and the columns of ``o_proj`` are permuted. A fused ``qkv_proj`` is permuted block by
+block. Attention is computed head by head and ``o_proj`` undoes the order, so the model computes the same function;
+applying the inverse permutation restores every weight bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models import attention_modules, text_config
+
+
+@dataclass(frozen=True)
+class HeadOrder:
+    """Per layer, the KV-head permutation and how many retrieval heads lead.
+
+    Attributes:
+        perms: long CPU tensors ``[num_kv_heads]``: new head ``i`` is old head ``perms[layer][i]``.
+        num_retrieval: retrieval heads per layer (the first ones after reordering).
+    """
+
+    perms: tuple[torch.Tensor, ...]
+    num_retrieval: tuple[int, ...]
+
+    @classmethod
+    def retrieval_first(cls, roles: np.ndarray) -> HeadOrder:
+        """Stable partition of bool ``roles [layers, kv_heads]`` (True = retrieval): retrieval heads first."""
+        roles = np.asarray(roles, dtype=bool)
+        if roles.ndim != 2:
+            raise ValueError(f"roles must be a bool array [layers, kv_heads], got shape {roles.shape}")
+        perms = tuple(torch.from_numpy(np.argsort(~row, kind="stable")).long() for row in roles)
+        return cls(perms, tuple(int(row.sum()) for row in roles))
+
+    def inverse(self) -> HeadOrder:
+        return HeadOrder(tuple(torch.argsort(p) for p in self.perms), self.num_retrieval)
+
+    @property
+    def roles(self) -> np.ndarray:
+        """Bool ``[layers, kv_heads]`` after reordering: each row is ``n_ret`` Trues then Falses."""
+        h = len(self.perms[0])
+        return np.array([[i < n for i in range(h)] for n in self.num_retrieval], dtype=bool)
+
+
+def _rows(perm: torch.Tensor, width: int) -> torch.Tensor:
+    """Row indices of the blocks of ``width`` rows, in the order ``perm``."""
+    return (perm[:, None] * width + torch.arange(width)).flatten()
+
+
+def _permute_(param: nn.Parameter | None, index: torch.Tensor, dim: int) -> None:
+    if param is None:
+        return
+    with torch.no_grad():
+        param.copy_(param.index_select(dim, index.to(param.device)))  # same storage: ties and hooks stay valid
+
+
+def _permute_module(module: nn.Module, perm: torch.Tensor, groups: int, head_dim: int) -> None:
+    q_rows = _rows(perm, groups * head_dim)  # a KV head's query group moves with it
+    kv_rows = _rows(perm, head_dim)
+    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            linear = getattr(module, name)
+            _permute_(linear.weight, rows, 0)
+            _permute_(linear.bias, rows, 0)
+    elif isinstance(getattr(module, "qkv_proj", None), nn.Linear) and isinstance(getattr(module, "o_proj", None),
+                                                                                   nn.Linear):
+        hq = len(q_rows)
+        hkv = len(kv_rows)
+        rows = torch.cat([q_rows, hq + kv_rows, hq + hkv + kv_rows])
+        if module.qkv_proj.out_features != hq + 2 * hkv:
+            raise ValueError(
+                f"{type(module).__name__}.qkv_proj has {module.qkv_proj.out_features} outputs; expected "
+                f"q + k + v = {hq + 2 * hkv}"
+            )
+        _permute_(module.qkv_proj.weight, rows, 0)
+        _permute_(module.qkv_proj.bias, rows, 0)
+    else:
+        raise ValueError(
+            f"cannot reorder heads of {type(module).__name__}: expected nn.Linear q_proj, k_proj, v_proj (or a fused "
+            "qkv_proj) and o_proj"
+        )
+    _permute_(module.o_proj.weight, q_rows, 1)
+
+
+def permute_heads(model: nn.Module, order: HeadOrder) -> None:
+    """Apply ``order`` to the model's attention weights in place (use ``order.inverse()`` to undo)."""
+    cfg = text_config(model)
+    modules = attention_modules(model)
+    if len(order.perms) != len(modules):
+        raise ValueError(f"head order has {len(order.perms)} layers, the model {len(modules)}")
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for idx, (module, perm) in enumerate(zip(modules, order.perms)):
+        if len(perm) != cfg.num_key_value_heads:
+            raise ValueError(f"layer {idx}: permutation of {len(perm)} heads, the model has {cfg.num_key_value_heads}")
+        if not torch.equal(torch.sort(perm).values, torch.arange(len(perm))):
+            raise ValueError(f"layer {idx}: {perm.tolist()} is not a permutation")
+        _permute_module(module, perm, groups, head_dim)

@@ -1,0 +1,254 @@
+"""Decode-step kernels in Triton for the static DuoAttention cache (one new token per sequence).
+
+The cache of a layer holds ``n_ret`` retrieval KV heads ``[B, n_ret, max_len, D]`` and ``n_str`` streaming KV heads
+in a sink + recent ring ``[B, n_str, sink + recent, D]`` (see ``duoattn.engine.cache``). After head reordering the
+query heads of retrieval KV heads come first: query head ``h * G + g`` belongs to KV head ``h``.
+
+* :func:`append_token` writes the new token's keys and values: one launch, every KV head of the layer.
+* :func:`decode_attention` runs split-KV attention ("flash-decoding"): the retrieval cache is cut into ``splits``
+  ranges per KV head, each program reads its range once for all ``G`` query heads of the group and writes a partial
+  output and log-sum-exp; the same launch lets one program per streaming KV head attend over its small ring. A
+  second launch merges the partial results of the retrieval heads.
+
+The number of cached tokens is read from a device tensor (``clock``), never from the host: a CUDA graph captured
+once stays valid while the sequence grows. The grid is fixed; each split covers ``ceil(length / splits)`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _append_kernel(
+    K_NEW, V_NEW, FK, FV, RK, RV, CLOCK,
+    s_kb, s_kh, s_vb, s_vh,
+    s_fb, s_fh, s_ft,
+    s_rb, s_rh, s_rt,
+    n_ret, sink, recent,
+    D: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    pos = tl.load(CLOCK).to(tl.int64) - 1
+    d = tl.arange(0, D)
+    k = tl.load(K_NEW + b * s_kb + h * s_kh + d)
+    v = tl.load(V_NEW + b * s_vb + h * s_vh + d)
+    if h < n_ret:
+        off = b * s_fb + h * s_fh + pos * s_ft + d
+        tl.store(FK + off, k)
+        tl.store(FV + off, v)
+    else:
+        # Slot p for p < sink, then a ring over the recent slots (same layout as duoattn.cache.DuoLayer).
+        slot = tl.where(pos < sink, pos, sink + (pos - sink) % recent)
+        off = b * s_rb + (h - n_ret) * s_rh + slot * s_rt + d
+        tl.store(RK + off, k)
+        tl.store(RV + off, v)
+
+
+@triton.jit
+def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr, D: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Online softmax of queries ``q [GP, D]`` over keys ``lo..hi-1``; scores in the log2 domain."""
+    n_off = tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    for start in range(lo, hi, BLOCK):
+        n = start + n_off
+        valid = n < hi
+        k = tl.load(K + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def _decode_kernel(
+    Q, FK, FV, RK, RV, CLOCK, OUT, PO, PL,
+    s_qb, s_qh,
+    s_fb, s_fh, s_ft,
+    s_rb, s_rh, s_rt,
+    s_ob, s_oh,
+    s_pb, s_ph, s_ps,
+    s_lb, s_lh,
+    n_ret, cap, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    length = tl.load(CLOCK).to(tl.int64)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    g_ok = g < G  # query rows beyond the group are padding for tl.dot (at least 16 rows)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([GP], dtype=tl.float32)
+    if pid < n_ret * SPLITS:
+        h = pid // SPLITS
+        s = pid % SPLITS
+        heads = h * G + g
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+        per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+        lo = s * per
+        hi = tl.minimum(lo + per, length)
+        acc, m, l = _attend_range(
+            acc, m, l, q, FK + b * s_fb + h * s_fh, FV + b * s_fb + h * s_fh, s_ft, lo, hi, qk_scale,
+            BLOCK, D, PRECISION,
+        )
+        has = l > 0  # an empty split contributes nothing to the merge
+        l_safe = tl.where(has, l, 1.0)
+        lse = tl.where(has, m + tl.log2(l_safe), float("-inf"))
+        o = acc / l_safe[:, None]
+        tl.store(PO + b * s_pb + heads[:, None] * s_ph + s * s_ps + d[None, :], o, mask=g_ok[:, None])
+        tl.store(PL + b * s_lb + heads * s_lh + s, lse, mask=g_ok)
+    else:
+        h = pid - n_ret * SPLITS
+        heads = (n_ret + h) * G + g
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+        # While the sequence is shorter than the ring, slot = position: the first `length` slots are filled.
+        n = tl.minimum(length, cap)
+        acc, m, l = _attend_range(
+            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale,
+            BLOCK, D, PRECISION,
+        )
+        o = acc / l[:, None]
+        tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    PO, PL, OUT,
+    s_pb, s_ph, s_ps,
+    s_lb, s_lh,
+    s_ob, s_oh,
+    SPLITS: tl.constexpr, SP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+):
+    hq = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    idx = tl.arange(0, SP)
+    lse = tl.load(PL + b * s_lb + hq * s_lh + idx, mask=idx < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    total = tl.sum(tl.exp2(lse - m), 0)
+    d = tl.arange(0, D)
+    c = tl.arange(0, CHUNK)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for start in range(0, SPLITS, CHUNK):
+        sidx = start + c
+        ok = sidx < SPLITS
+        w = tl.exp2(tl.load(PL + b * s_lb + hq * s_lh + sidx, mask=ok, other=float("-inf")) - m)
+        o = tl.load(PO + b * s_pb + hq * s_ph + sidx[:, None] * s_ps + d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+    tl.store(OUT + b * s_ob + hq * s_oh + d, (acc / total).to(OUT.dtype.element_ty))
+
+
+def _check_head_dim(d: int) -> None:
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"the Triton decode kernels need a power-of-two head_dim >= 16, got {d}")
+
+
+def append_token(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_k: torch.Tensor | None,
+    full_v: torch.Tensor | None,
+    ring_k: torch.Tensor | None,
+    ring_v: torch.Tensor | None,
+    clock: torch.Tensor,
+    sink: int,
+    recent: int,
+) -> None:
+    """Store ``k, v [B, Hkv, 1, D]`` at position ``clock - 1``: KV heads ``< n_ret`` in the full cache, the rest in
+    the ring. ``clock`` is a one-element integer tensor on the device (the length after this token)."""
+    bsz, hkv, _, d = k.shape
+    _check_head_dim(d)
+    n_ret = 0 if full_k is None else full_k.shape[1]
+    fk, fv = (full_k, full_v) if full_k is not None else (ring_k, ring_v)
+    rk, rv = (ring_k, ring_v) if ring_k is not None else (full_k, full_v)
+    _append_kernel[(hkv, bsz)](
+        k, v, fk, fv, rk, rv, clock,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        fk.stride(0), fk.stride(1), fk.stride(2),
+        rk.stride(0), rk.stride(1), rk.stride(2),
+        n_ret, sink, recent,
+        D=d,
+    )
+
+
+def default_splits(batch: int, n_ret: int, max_len: int, block: int) -> int:
+    """Splits per retrieval KV head: enough programs to fill the GPU (about four per multiprocessor)."""
+    if n_ret == 0:
+        return 1
+    sms = 8  # the interpreter's stand-in
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    want = triton.cdiv(4 * sms, batch * n_ret)
+    return max(1, min(triton.next_power_of_2(want), 256, triton.next_power_of_2(triton.cdiv(max_len, block))))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    full_k: torch.Tensor | None,
+    full_v: torch.Tensor | None,
+    ring_k: torch.Tensor | None,
+    ring_v: torch.Tensor | None,
+    clock: torch.Tensor,
+    out: torch.Tensor,
+    partial_out: torch.Tensor,
+    partial_lse: torch.Tensor,
+    scale: float,
+    splits: int,
+    block: int = 64,
+) -> None:
+    """One query per head over the cache; writes ``out``.
+
+    Args:
+        q: ``[B, Hq, 1, D]`` with retrieval query heads first.
+        full_k, full_v: ``[B, n_ret, max_len, D]`` or None; the first ``clock`` tokens are valid.
+        ring_k, ring_v: ``[B, n_str, cap, D]`` or None; the first ``min(clock, cap)`` slots are valid.
+        out: ``[B, 1, Hq, D]``.
+        partial_out, partial_lse: float32 workspaces ``[B, >= n_ret * G, >= splits, D]`` and
+            ``[B, >= n_ret * G, >= splits]``.
+        splits: ranges per retrieval KV head (fixed for the life of a captured graph).
+    """
+    bsz, hq, _, d = q.shape
+    _check_head_dim(d)
+    n_ret = 0 if full_k is None else full_k.shape[1]
+    n_str = 0 if ring_k is None else ring_k.shape[1]
+    group = hq // (n_ret + n_str)
+    fk, fv = (full_k, full_v) if full_k is not None else (ring_k, ring_v)
+    rk, rv = (ring_k, ring_v) if ring_k is not None else (full_k, full_v)
+    cap = 0 if ring_k is None else ring_k.shape[2]
+    q2, o2 = q[:, :, 0], out[:, 0]  # [B, Hq, D]
+    _decode_kernel[(n_ret * splits + n_str, bsz)](
+        q2, fk, fv, rk, rv, clock, o2, partial_out, partial_lse,
+        q2.stride(0), q2.stride(1),
+        fk.stride(0), fk.stride(1), fk.stride(2),
+        rk.stride(0), rk.stride(1), rk.stride(2),
+        o2.stride(0), o2.stride(1),
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+        partial_lse.stride(0), partial_lse.stride(1),
+        n_ret, cap, scale * LOG2E,
+        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,  # float32 caches (tests): no tf32 rounding
+        num_warps=4, num_stages=3,
+    )
+    if n_ret:
+        _combine_kernel[(n_ret * group, bsz)](
+            partial_out, partial_lse, o2,
+            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+            partial_lse.stride(0), partial_lse.stride(1),
+            o2.stride(0), o2.stride(1),
+            SPLITS=splits, SP=triton.next_power_of_2(splits), CHUNK=min(32, triton.next_power_of_2(splits)), D=d,
+            num_warps=4,
+        )
