@@ -30,8 +30,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .cache import DuoCache, DuoStates
 from .kernels.attention import causal_attention, dense_attention, streaming_attention
+from .kernels.tiled import quantized_causal_attention
 from .models import attention_modules, check_supported, text_config
 from .pattern import HeadPattern
+from .quant.cache import QuantizedDuoLayer
+from .quant.kv import KV_BITS, KVQuantConfig, QuantizedKV
 from .roles import LayerRoles
 
 ATTN_NAME = "duoattn"
@@ -61,10 +64,19 @@ def _attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, roles: Laye
     return out
 
 
+def _attend_full(
+    q: torch.Tensor, k: torch.Tensor | QuantizedKV, v: torch.Tensor | QuantizedKV, scale: float
+) -> torch.Tensor:
+    """Retrieval heads: causal attention over the whole cache, read tile by tile when it is quantised."""
+    if isinstance(k, QuantizedKV):
+        return quantized_causal_attention(q, k, v, scale)
+    return causal_attention(q, k, v, scale)
+
+
 def _attend_cached(q: torch.Tensor, k: DuoStates, v: DuoStates, roles: LayerRoles, scale: float) -> torch.Tensor:
     """Keys come from a :class:`DuoLayer`: retrieval and streaming heads are already apart."""
     if roles.all_retrieval:
-        return causal_attention(q, k.full, v.full, scale)
+        return _attend_full(q, k.full, v.full, scale)
     q_s = q if roles.all_streaming else q.index_select(1, roles.q_streaming)
     if k.run is None:  # decoding: the streaming cache holds exactly the visible keys
         out_s = dense_attention(q_s, k.sink, v.sink, scale)
@@ -75,7 +87,7 @@ def _attend_cached(q: torch.Tensor, k: DuoStates, v: DuoStates, roles: LayerRole
     out = torch.empty_like(q)
     out.index_copy_(1, roles.q_streaming, out_s)
     q_r = q.index_select(1, roles.q_retrieval)
-    out.index_copy_(1, roles.q_retrieval, causal_attention(q_r, k.full, v.full, scale))
+    out.index_copy_(1, roles.q_retrieval, _attend_full(q_r, k.full, v.full, scale))
     return out
 
 
@@ -156,6 +168,7 @@ class DuoAttentionHandle:
     Attributes:
         roles: bool ``[num_layers, num_kv_heads]``, True for retrieval heads.
         layer_roles: per layer, the :class:`LayerRoles` attached to its attention module.
+        kv_quant: how retrieval heads store keys and values (None: the model dtype, ``kv_bits=16``).
     """
 
     model: PreTrainedModel
@@ -165,24 +178,41 @@ class DuoAttentionHandle:
     prefill_chunk_size: int | None
     layer_roles: list[LayerRoles]
     previous_attn_implementation: str
+    kv_quant: KVQuantConfig | None = None
     _hooks: list[Any] = field(default_factory=list)
 
     @property
     def retrieval_ratio(self) -> float:
         return float(self.roles.mean())
 
+    @property
+    def kv_bits(self) -> int:
+        return 16 if self.kv_quant is None else self.kv_quant.bits
+
     def new_cache(self, max_cache_len: int | None = None) -> DuoCache:
         """A fresh :class:`DuoCache` for this model (``max_cache_len`` preallocates the retrieval heads)."""
-        return DuoCache(self.layer_roles, config=text_config(self.model), max_cache_len=max_cache_len)
+        factory = None
+        if self.kv_quant is not None:
+            factory = functools.partial(QuantizedDuoLayer, kv_quant=self.kv_quant)
+        return DuoCache(
+            self.layer_roles, config=text_config(self.model), max_cache_len=max_cache_len, layer_factory=factory
+        )
 
     def expected_kv_bytes(self, seq_len: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
-        """``sum over layers of (n_retrieval * T + n_streaming * min(T, sink + recent)) * head_dim * 2 * bytes``."""
+        """``sum over layers of (n_retrieval * T * R + n_streaming * min(T, sink + recent) * S) * 2`` bytes.
+
+        ``S = head_dim * bytes`` is one vector in the model dtype; ``R = S`` unquantised, else
+        ``head_dim * bits / 8 + 2 * (head_dim / group_size) * bytes`` (codes, scales and zero points).
+        """
         dtype = dtype or self.model.dtype
+        elem = torch.empty((), dtype=dtype).element_size()
         head_dim = _head_dim(self.model)
+        stream_vec = head_dim * elem
+        full_vec = stream_vec if self.kv_quant is None else self.kv_quant.bytes_per_vector(head_dim, elem)
         n_ret = int(self.roles.sum())
         n_str = int(self.roles.size - n_ret)
-        tokens = n_ret * seq_len + n_str * min(seq_len, self.sink + self.recent)
-        return batch_size * tokens * head_dim * 2 * torch.empty((), dtype=dtype).element_size()
+        per_seq = n_ret * seq_len * full_vec + n_str * min(seq_len, self.sink + self.recent) * stream_vec
+        return batch_size * per_seq * 2
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -203,6 +233,8 @@ def enable_duo_attention(
     sink: int | None = None,
     recent: int | None = None,
     prefill_chunk_size: int | None = None,
+    kv_bits: int = 16,
+    kv_group_size: int | None = None,
 ) -> DuoAttentionHandle:
     """Switch ``model`` to DuoAttention in place; undo with :func:`disable_duo_attention`.
 
@@ -211,6 +243,9 @@ def enable_duo_attention(
             with threshold 0.5.
         sink, recent: the streaming window; default to the pattern's.
         prefill_chunk_size: if set, ``model.generate`` prefills the prompt in chunks of this many tokens.
+        kv_bits: 16 keeps the retrieval heads' cache in the model dtype; 8 or 4 stores it quantised
+            (``duoattn.quant``). The streaming heads' small cache always keeps the model dtype.
+        kv_group_size: channels per scale / zero point of the quantised cache (default: head_dim).
     """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError("DuoAttention is already enabled on this model; disable it first")
@@ -229,6 +264,7 @@ def enable_duo_attention(
     recent = _check_positive_int("recent", pattern.recent if recent is None else recent, 1)
     if prefill_chunk_size is not None:
         prefill_chunk_size = _check_positive_int("prefill_chunk_size", prefill_chunk_size, 1)
+    kv_quant = _kv_quant_config(kv_bits, kv_group_size, _head_dim(model))
 
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     layer_roles = []
@@ -244,6 +280,7 @@ def enable_duo_attention(
         prefill_chunk_size=prefill_chunk_size,
         layer_roles=layer_roles,
         previous_attn_implementation=cfg._attn_implementation,
+        kv_quant=kv_quant,
     )
     setattr(model, HANDLE_ATTR, handle)
     try:
@@ -255,6 +292,18 @@ def enable_duo_attention(
         disable_duo_attention(model)  # leave nothing half-applied
         raise
     return handle
+
+
+def _kv_quant_config(kv_bits: Any, kv_group_size: int | None, head_dim: int) -> KVQuantConfig | None:
+    if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
+    if kv_bits == 16:
+        if kv_group_size is not None:
+            raise ValueError("kv_group_size applies to a quantised cache only (kv_bits 8 or 4)")
+        return None
+    config = KVQuantConfig(bits=int(kv_bits), group_size=kv_group_size)
+    config.group(head_dim)  # refuse a group size that does not divide head_dim now, not at the first token
+    return config
 
 
 def _install_cache_defaults(model: PreTrainedModel, handle: DuoAttentionHandle) -> None:
@@ -309,9 +358,11 @@ def duo_attention(
     sink: int | None = None,
     recent: int | None = None,
     prefill_chunk_size: int | None = None,
+    kv_bits: int = 16,
+    kv_group_size: int | None = None,
 ) -> Iterator[DuoAttentionHandle]:
     """``with duo_attention(model, pattern, sparsity=0.5): model.generate(...)`` - see :func:`enable_duo_attention`."""
-    handle = enable_duo_attention(model, pattern, sparsity, sink, recent, prefill_chunk_size)
+    handle = enable_duo_attention(model, pattern, sparsity, sink, recent, prefill_chunk_size, kv_bits, kv_group_size)
     try:
         yield handle
     finally:
