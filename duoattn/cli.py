@@ -67,8 +67,53 @@ def run_demo(args: argparse.Namespace) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------------ quant-passkey
+def add_quant_passkey(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quant-passkey", help="passkey accuracy of DuoAttention with an int8 / int4 KV cache")
+    p.add_argument("--out", required=True, help="output directory (results.json, passkey.png, config.json)")
+    p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--pattern", default=None, help="pattern directory (default: random gates, --pattern-seed)")
+    p.add_argument("--pattern-seed", type=int, default=0)
+    p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of streaming heads (default 0.5)")
+    p.add_argument("--methods", default="duo", help="comma-separated: duo, full (default duo)")
+    p.add_argument("--kv-bits", type=_ints, default=[16, 8, 4], help="KV cache bits to compare (default 16,8,4)")
+    p.add_argument("--kv-group-size", type=int, default=None, help="channels per scale (default head_dim)")
+    p.add_argument("--weight-bits", type=int, default=16, choices=[16, 8])
+    p.add_argument("--lengths", type=_ints, default=[2048, 4096], help="prompt lengths in tokens")
+    p.add_argument("--samples", type=int, default=20, help="prompts per length")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--prefill-chunk-size", type=int, default=None)
+    p.add_argument("--device", default=None)
+
+
+def run_quant_passkey(args: argparse.Namespace) -> None:
+    from .quant.accuracy import QuantPasskeyConfig, run_quant_passkey as run
+
+    run(
+        QuantPasskeyConfig(
+            out=args.out,
+            model=args.model,
+            pattern=args.pattern,
+            pattern_seed=args.pattern_seed,
+            sparsity=args.sparsity,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            weight_bits=args.weight_bits,
+            lengths=args.lengths,
+            samples=args.samples,
+            sink=args.sink,
+            recent=args.recent,
+            prefill_chunk_size=args.prefill_chunk_size,
+            device=args.device,
+        )
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
+    "quant-passkey": (add_quant_passkey, run_quant_passkey),
 }
 
 

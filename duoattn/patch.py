@@ -30,7 +30,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .cache import DuoCache, DuoStates
 from .kernels.attention import causal_attention, dense_attention, streaming_attention
-from .kernels.tiled import quantized_causal_attention
+from .kernels.tiled import quantized_attention
 from .models import attention_modules, check_supported, text_config
 from .pattern import HeadPattern
 from .quant.cache import QuantizedDuoLayer
@@ -69,7 +69,7 @@ def _attend_full(
 ) -> torch.Tensor:
     """Retrieval heads: causal attention over the whole cache, read tile by tile when it is quantised."""
     if isinstance(k, QuantizedKV):
-        return quantized_causal_attention(q, k, v, scale)
+        return quantized_attention(q, k, v, scale)
     return causal_attention(q, k, v, scale)
 
 

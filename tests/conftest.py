@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import os
 
-from duoattn.kernels.reference import reference_attention
-from duoattn.patch import ROLES_ATTR
+import torch
+
+# Without CUDA, Triton kernels run under the Triton interpreter. It must be chosen before anything imports triton
+# (transformers may), because triton's own helpers (tl.zeros, ...) are compiled or interpreted when it is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from duoattn.kernels.reference import reference_attention  # noqa: E402
+from duoattn.patch import ROLES_ATTR  # noqa: E402
 
 
 def tiny_llama(num_layers: int = 3, heads: int = 4, kv_heads: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:

@@ -11,11 +11,34 @@ query-row axis so that each dequantised tile serves all of them.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from ..quant.kv import QuantizedKV, dequantize, work_dtype
 
 DEFAULT_TILE = 512
+
+
+@functools.cache
+def _triton_decode() -> Callable | None:
+    try:
+        from .triton_quant import quantized_decode_attention
+    except ImportError:  # no triton: the tiled path serves every device
+        return None
+    return quantized_decode_attention
+
+
+def quantized_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, scale: float) -> torch.Tensor:
+    """Causal attention over a quantised cache: the Triton split-KV kernel for one decoding query on CUDA (head_dim
+    a power of two >= 32), :func:`quantized_causal_attention` otherwise."""
+    d = q.shape[-1]
+    if q.is_cuda and q.shape[-2] == 1 and d >= 32 and not d & (d - 1):
+        kernel = _triton_decode()
+        if kernel is not None:
+            return kernel(q, k, v, scale)
+    return quantized_causal_attention(q, k, v, scale)
 
 
 def quantized_causal_attention(
