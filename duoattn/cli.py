@@ -111,9 +111,54 @@ def run_quant_passkey(args: argparse.Namespace) -> None:
     )
 
 
+# -------------------------------------------------------------------------------------------- quant-bench
+def add_quant_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quant-bench", help="context capacity and decode speed with int8 / int4 KV and 8-bit weights")
+    p.add_argument("--out", required=True, help="output directory (results.json, capacity.png, config.json)")
+    p.add_argument("--shape", default="llama-3-8b", help="model shape with random weights (llama-3-8b, tiny)")
+    p.add_argument("--retrieval", type=_floats, default=[1.0, 0.5, 0.25], help="retrieval-head ratios")
+    p.add_argument("--kv-bits", type=_ints, default=[16, 8, 4])
+    p.add_argument("--weight-bits", type=_ints, default=[16, 8])
+    p.add_argument("--decode-len", type=int, default=1 << 20, help="context of the decode timing (tokens)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sink", type=int, default=128)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--fill-chunk", type=int, default=1 << 16)
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="KV memory (default: free GPU memory)")
+    p.add_argument("--reserve-gib", type=float, default=3.0)
+    p.add_argument("--no-capacity-check", action="store_true", help="estimate capacity without filling the cache")
+    p.add_argument("--device", default=None)
+
+
+def run_quant_bench(args: argparse.Namespace) -> None:
+    from .quant.bench import QuantBenchConfig, run_quant_bench as run
+
+    run(
+        QuantBenchConfig(
+            out=args.out,
+            shape=args.shape,
+            retrieval=args.retrieval,
+            kv_bits=args.kv_bits,
+            weight_bits=args.weight_bits,
+            decode_len=args.decode_len,
+            steps=args.steps,
+            warmup=args.warmup,
+            sink=args.sink,
+            recent=args.recent,
+            fill_chunk=args.fill_chunk,
+            memory_budget_gib=args.memory_budget_gib,
+            reserve_gib=args.reserve_gib,
+            check_capacity=not args.no_capacity_check,
+            device=args.device,
+        )
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
     "quant-passkey": (add_quant_passkey, run_quant_passkey),
+    "quant-bench": (add_quant_bench, run_quant_bench),
 }
 
 

@@ -83,3 +83,20 @@ def test_bad_weight_bits_are_refused():
         load_model(weight_bits=4)
     with pytest.raises(ValueError, match="2-D int8"):
         Int8Linear(torch.zeros(3, 4), torch.ones(3), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_int8_linear_on_cuda_within_the_hand_bound(m):
+    from duoattn.quant import weights
+
+    layer = linear(4096, 1024, torch.bfloat16).cuda()
+    q = Int8Linear.from_linear(layer)
+    x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
+    want = x.double() @ layer.weight.double().T + layer.bias.double()
+    s = layer.weight.double().abs().amax(dim=1) / 127 * (1 + 2.0**-7)
+    bound = x.double().abs().sum(-1, keepdim=True) * s / 2 + want.abs() * 2.0**-8 + 1e-3
+    err = (q(x).double() - want).abs()
+    assert (err <= bound).all(), f"error exceeds the bound by {(err - bound).max().item():.3e}"
+    print("fused int8 kernel on CUDA bfloat16:", weights._FUSED_OK.get(("cuda", torch.bfloat16)))

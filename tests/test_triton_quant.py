@@ -55,3 +55,20 @@ def test_decode_kernel_refuses_bad_shapes():
     with pytest.raises(ValueError, match="power of two"):
         q24 = quantize(torch.randn(1, 1, 4, 24), KVQuantConfig(8))
         quantized_decode_attention(torch.randn(1, 2, 1, 24), q24, q24, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_dispatches_to_the_kernel_and_agrees_with_the_tiled_path():
+    from duoattn.kernels import tiled
+
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 2, 3000, 128, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(1, 2, 3000, 128, generator=g).to("cuda", torch.bfloat16)
+    q = torch.randn(1, 8, 1, 128, generator=g).to("cuda", torch.bfloat16)
+    for bits in (8, 4):
+        qk, qv = quantize(k, KVQuantConfig(bits)), quantize(v, KVQuantConfig(bits))
+        assert tiled._triton_decode() is not None
+        fast = tiled.quantized_attention(q, qk, qv, 128**-0.5)
+        slow = tiled.quantized_causal_attention(q, qk, qv, 128**-0.5)
+        torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)  # both bfloat16 outputs of float32 math

@@ -14,6 +14,8 @@ its FP8 quantiser refuses to quantise on a CPU. See ``docs/quantization.md``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,9 +93,14 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         scale = self.scale.to(x.dtype)
         # The CPU kernel crashes on bfloat16 rows whose length is not a multiple of 32; real models never have one.
+        y = None
         if self.in_features % 32 == 0 and _fused_available(x.device, x.dtype):
-            y = torch._weight_int8pack_mm(rows.contiguous(), self.weight, scale)
-        else:
+            try:
+                y = torch._weight_int8pack_mm(rows.contiguous(), self.weight, scale)
+            except RuntimeError as err:  # a shape this build's kernel refuses: stop trying it on this device
+                warnings.warn(f"torch._weight_int8pack_mm failed ({err}); dequantising weights instead", stacklevel=2)
+                _FUSED_OK[(x.device.type, x.dtype)] = False
+        if y is None:
             y = F.linear(rows, self.weight.to(x.dtype)) * scale
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
