@@ -26,7 +26,7 @@ from ..quant.kv import QuantizedKV
 @triton.jit
 def _load_halves(base, offs_n, offs_i, stride_t, mask_n, BITS: tl.constexpr):
     """Codes of channels 2i and 2i + 1 for tokens offs_n: two [BLOCK_N, HALF_D] float32 tiles."""
-    rows = base + offs_n[:, None] * stride_t
+    rows = base + offs_n.to(tl.int64)[:, None] * stride_t  # 64-bit: caches of ~10M tokens pass 2**31 bytes
     if BITS == 4:
         packed = tl.load(rows + offs_i[None, :], mask=mask_n[:, None], other=0)
         lo = (packed & 15).to(tl.float32)
@@ -39,8 +39,8 @@ def _load_halves(base, offs_n, offs_i, stride_t, mask_n, BITS: tl.constexpr):
 
 @triton.jit
 def _dequant(base_s, base_z, offs_n, grp_e, grp_o, stride_t, mask_n, lo, hi):
-    rows_s = base_s + offs_n[:, None] * stride_t
-    rows_z = base_z + offs_n[:, None] * stride_t
+    rows_s = base_s + offs_n.to(tl.int64)[:, None] * stride_t
+    rows_z = base_z + offs_n.to(tl.int64)[:, None] * stride_t
     s_e = tl.load(rows_s + grp_e[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
     z_e = tl.load(rows_z + grp_e[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
     s_o = tl.load(rows_s + grp_o[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
@@ -60,8 +60,8 @@ def _split_kernel(
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
+    b = (bh // H_KV).to(tl.int64)
+    h = (bh % H_KV).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     offs_i = tl.arange(0, HALF_D)
     mask_g = offs_g < G
@@ -174,6 +174,8 @@ def quantized_decode_attention(
     num_splits = math.ceil(t / per_split)
 
     qs = q[:, :, 0]  # [B, Hq, D]
+    if qs.stride(-1) != 1:
+        qs = qs.contiguous()
     parts = bsz * hkv * num_splits
     m_part = torch.empty(parts, block_g, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
