@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -38,3 +40,22 @@ def test_int8_weights_keep_the_passkey():
     with torch.inference_mode():
         text, _ = generate_answer(model, tokenizer, sample.input_ids, GenerationSettings(max_new_tokens=7))
     assert score_passkey(sample.answer, text) == 1.0, text
+
+
+def test_quant_passkey_command_writes_results(tmp_path):
+    from duoattn.cli import main
+
+    out = tmp_path / "qp"
+    assert main(["quant-passkey", "--out", str(out), "--lengths", "150", "--samples", "2", "--methods", "duo,full",
+                 "--kv-bits", "16,4", "--sink", "4", "--recent", "16"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["method"], r["kv_bits"]): r for r in results["runs"]}
+    assert sorted(runs) == [("duo", 4), ("duo", 16), ("full", 4), ("full", 16)]
+    assert all(r["prompts"] == {"150": 2} for r in runs.values())
+    # the same prompts under every setting; int4 full attention holds (32 + 8) / 256 of the float32 bytes
+    assert runs[("full", 4)]["kv_bytes"]["150"] * 256 == runs[("full", 16)]["kv_bytes"]["150"] * 40
+    assert [a["answer"] for a in runs[("duo", 4)]["answers"]["150"]] == [
+        a["answer"] for a in runs[("full", 16)]["answers"]["150"]]
+    assert runs[("full", 16)]["accuracy"]["150"] == 1.0  # 150 tokens: the model finds the key
+    assert json.loads((out / "config.json").read_text())["kv_bits"] == [16, 4]
+    assert (out / "passkey.png").stat().st_size > 0

@@ -7,9 +7,6 @@ made them into the output directory.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from ..models import load_model, text_config  # noqa: E402
 from ..patch import duo_attention  # noqa: E402
 from ..pattern import HeadPattern  # noqa: E402
 from .kv import KV_BITS  # noqa: E402
+from .outputs import save_figure, write_json  # noqa: E402
 from .weights import WEIGHT_BITS  # noqa: E402
 
 METHODS = ("duo", "full")  # full: every head retrieval, so the whole cache is quantised
@@ -77,18 +75,6 @@ class QuantPasskeyConfig:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _pattern(config: QuantPasskeyConfig, model) -> HeadPattern:
     if config.pattern is not None:
         return HeadPattern.load(config.pattern)
@@ -118,7 +104,7 @@ def run_quant_passkey(config: QuantPasskeyConfig) -> dict:
     stopped early."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.json", (json.dumps(asdict(config), indent=2) + "\n").encode())
+    write_json(out / "config.json", asdict(config))
     model, tokenizer = load_model(config.model, device=config.device, weight_bits=config.weight_bits)
     learned = _pattern(config, model)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, prefill_chunk_size=config.prefill_chunk_size)
@@ -141,7 +127,7 @@ def run_quant_passkey(config: QuantPasskeyConfig) -> dict:
                 run["kv_bytes"][str(n)] = nbytes
                 progress.update()
             _summarise(results)
-            _write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            write_json(out / "results.json", results)
     progress.close()
     _plot(results, config, out / "passkey.png")
     print(format_table(results, config))
@@ -183,7 +169,5 @@ def _plot(results: dict, config: QuantPasskeyConfig, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -15,7 +15,6 @@ Writes ``results.json``, ``capacity.png`` and the ``config.json`` that made them
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +29,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ..patch import DuoAttentionHandle, cache_kwarg, duo_attention  # noqa: E402
 from ..pattern import HeadPattern  # noqa: E402
-from .accuracy import _write_atomic  # noqa: E402
 from .kv import KV_BITS  # noqa: E402
+from .outputs import save_figure, write_json  # noqa: E402
 from .weights import WEIGHT_BITS, quantize_linear_weights  # noqa: E402
 
 SHAPES: dict[str, dict] = {
@@ -203,7 +202,7 @@ def _check_capacity(model, handle: DuoAttentionHandle, estimate: int, config: Qu
 def run_quant_bench(config: QuantBenchConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.json", (json.dumps(asdict(config), indent=2) + "\n").encode())
+    write_json(out / "config.json", asdict(config))
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "rows": []}
     progress = tqdm(total=len(config.weight_bits) * len(config.settings()), desc="quant-bench", unit="setting")
@@ -214,7 +213,7 @@ def run_quant_bench(config: QuantBenchConfig) -> dict:
             row = _measure(model, ratio, kv_bits, config)
             row["weight_bits"] = weight_bits
             results["rows"].append(row)
-            _write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            write_json(out / "results.json", results)
             progress.update()
     progress.close()
     _plot(results, out / "capacity.png")
@@ -250,7 +249,5 @@ def _plot(results: dict, path: Path) -> None:
     ax.set_xlabel("longest context that decodes (million tokens)")
     ax.invert_yaxis()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
