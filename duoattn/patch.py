@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+import sys
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, causal_mask_function
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import DuoCache, DuoStates
 from .kernels.attention import causal_attention, dense_attention, streaming_attention
 from .kernels.tiled import quantized_attention
-from .models import attention_modules, check_supported, text_config
+from .models import attention_modules, check_supported, sliding_windows, text_config
 from .pattern import HeadPattern
 from .quant.cache import QuantizedDuoLayer
 from .quant.kv import KV_BITS, KVQuantConfig, QuantizedKV
@@ -39,55 +42,70 @@ from .roles import LayerRoles
 
 ATTN_NAME = "duoattn"
 ROLES_ATTR = "duo_roles"
+LOCAL_ATTR = "duo_local_attention"  # on local (sliding-window) layers: the attention function they had before
 HANDLE_ATTR = "_duoattn_handle"
+
+# id(decoder config) -> (weak reference to it, mask implementation of its local layers or None if it has none).
+# Mask functions only receive the config, so this is how they find out what the model used before.
+_LOCAL_MASKS: dict[int, tuple[weakref.ref, str | None]] = {}
 
 
 # ---------------------------------------------------------------------------------------- attention function
-def _attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, roles: LayerRoles, scale: float) -> torch.Tensor:
+def _attend_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, roles: LayerRoles, scale: float, softcap: float | None
+) -> torch.Tensor:
     """Keys are plain ``[B, Hkv, T, D]`` at positions ``0..T-1`` (no cache, or another cache class)."""
     if roles.all_retrieval:
-        return causal_attention(q, k, v, scale)
+        return causal_attention(q, k, v, scale, softcap)
     c, t = q.shape[-2], k.shape[-2]
     out = torch.empty_like(q)
     if roles.num_retrieval:
         q_r = q.index_select(1, roles.q_retrieval)
         k_r, v_r = k.index_select(1, roles.kv_retrieval), v.index_select(1, roles.kv_retrieval)
-        out.index_copy_(1, roles.q_retrieval, causal_attention(q_r, k_r, v_r, scale))
+        out.index_copy_(1, roles.q_retrieval, causal_attention(q_r, k_r, v_r, scale, softcap))
     # Only the sink and the last C + recent - 1 keys can be seen by a streaming head.
     n_sink, lo = min(roles.sink, t), max(0, t - c - roles.recent + 1)
     k_s, v_s = k[:, :, lo:].index_select(1, roles.kv_streaming), v[:, :, lo:].index_select(1, roles.kv_streaming)
     sink_k = k[:, :, :n_sink].index_select(1, roles.kv_streaming)
     sink_v = v[:, :, :n_sink].index_select(1, roles.kv_streaming)
     q_s = q.index_select(1, roles.q_streaming)
-    out_s = streaming_attention(q_s, sink_k, sink_v, k_s, v_s, lo, roles.recent, scale)
+    out_s = streaming_attention(q_s, sink_k, sink_v, k_s, v_s, lo, roles.recent, scale, softcap=softcap)
     out.index_copy_(1, roles.q_streaming, out_s)
     return out
 
 
 def _attend_full(
-    q: torch.Tensor, k: torch.Tensor | QuantizedKV, v: torch.Tensor | QuantizedKV, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
+    v: torch.Tensor | QuantizedKV,
+    scale: float,
+    softcap: float | None,
 ) -> torch.Tensor:
     """Retrieval heads: causal attention over the whole cache, read tile by tile when it is quantised."""
     if isinstance(k, QuantizedKV):
-        return quantized_attention(q, k, v, scale)
-    return causal_attention(q, k, v, scale)
+        return quantized_attention(q, k, v, scale, softcap)
+    return causal_attention(q, k, v, scale, softcap)
 
 
-def _attend_cached(q: torch.Tensor, k: DuoStates, v: DuoStates, roles: LayerRoles, scale: float) -> torch.Tensor:
+def _attend_cached(
+    q: torch.Tensor, k: DuoStates, v: DuoStates, roles: LayerRoles, scale: float, softcap: float | None
+) -> torch.Tensor:
     """Keys come from a :class:`DuoLayer`: retrieval and streaming heads are already apart."""
     if roles.all_retrieval:
-        return _attend_full(q, k.full, v.full, scale)
+        return _attend_full(q, k.full, v.full, scale, softcap)
     q_s = q if roles.all_streaming else q.index_select(1, roles.q_streaming)
     if k.run is None:  # decoding: the streaming cache holds exactly the visible keys
-        out_s = dense_attention(q_s, k.sink, v.sink, scale)
+        out_s = dense_attention(q_s, k.sink, v.sink, scale, softcap)
     else:
-        out_s = streaming_attention(q_s, k.sink, v.sink, k.run, v.run, k.run_start, roles.recent, scale)
+        out_s = streaming_attention(
+            q_s, k.sink, v.sink, k.run, v.run, k.run_start, roles.recent, scale, softcap=softcap
+        )
     if roles.all_streaming:
         return out_s
     out = torch.empty_like(q)
     out.index_copy_(1, roles.q_streaming, out_s)
     q_r = q.index_select(1, roles.q_retrieval)
-    out.index_copy_(1, roles.q_retrieval, _attend_full(q_r, k.full, v.full, scale))
+    out.index_copy_(1, roles.q_retrieval, _attend_full(q_r, k.full, v.full, scale, softcap))
     return out
 
 
@@ -101,15 +119,22 @@ def duo_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The registered attention function: ``query [B, Hq, C, D]`` -> output ``[B, C, Hq, D]``."""
+    """The registered attention function: ``query [B, Hq, C, D]`` -> output ``[B, C, Hq, D]``.
+
+    DuoAttention layers ignore ``attention_mask`` (causality and windows come from positions) and
+    ``sliding_window`` (it is None on them, or too long to bind); they honour ``scaling`` and ``softcap``.
+    Local sliding-window layers go to the attention function the model used before.
+    """
     roles: LayerRoles | None = getattr(module, ROLES_ATTR, None)
-    if roles is None:  # a layer DuoAttention leaves alone (e.g. a local sliding-window layer)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if roles is None:
+        previous = getattr(module, LOCAL_ATTR, sdpa_attention_forward)
+        return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
     if isinstance(key, DuoStates):
-        out = _attend_cached(query, key, value, roles, scale)
+        out = _attend_cached(query, key, value, roles, scale, softcap)
     else:
-        out = _attend_dense(query, key, value, roles, scale)
+        out = _attend_dense(query, key, value, roles, scale, softcap)
     return out.transpose(1, 2), None
 
 
@@ -119,14 +144,17 @@ def duo_mask(
     kv_length: int,
     q_offset: int = 0,
     kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
     attention_mask: torch.Tensor | None = None,
     local_size: int | None = None,
+    config: PretrainedConfig | None = None,
     **kwargs: Any,
-) -> torch.Tensor | None:
+) -> Any:
     """Mask function: DuoAttention layers need no mask tensor (causality and windows come from positions).
 
-    Masks for local sliding-window layers (which DuoAttention leaves alone) are built as for SDPA. Padded batches
-    are refused: positions would no longer be token indices.
+    Masks for local sliding-window layers (``local_size`` set), which DuoAttention leaves alone, are built by the
+    mask function of the implementation the model used before. Padded batches and custom masks (bidirectional
+    spans, packed sequences) are refused: DuoAttention layers attend causally by token position.
     """
     if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
         raise ValueError(
@@ -134,17 +162,50 @@ def duo_mask(
             "or batch sequences of equal length without padding"
         )
     if local_size is None:
+        if mask_function is not causal_mask_function:
+            raise ValueError(
+                "DuoAttention layers attend causally by token position; this forward asks for a custom mask "
+                "(bidirectional spans such as image tokens, or packed sequences), which they cannot honour"
+            )
         return None
-    return sdpa_mask(
+    previous = _local_mask_implementation(config)
+    if previous is None:
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS[previous](
         batch_size=batch_size,
         q_length=q_length,
         kv_length=kv_length,
         q_offset=q_offset,
         kv_offset=kv_offset,
+        mask_function=mask_function,
         attention_mask=attention_mask,
         local_size=local_size,
+        config=config,
         **kwargs,
     )
+
+
+def _local_mask_implementation(config: PretrainedConfig | None) -> str | None:
+    """The mask implementation for the local layers of the model owning ``config``; None if it has no local layers.
+
+    A config that was not registered by :func:`enable_duo_attention` gets SDPA masks.
+    """
+    entry = _LOCAL_MASKS.get(id(config))
+    if entry is None or entry[0]() is not config:
+        return "sdpa"
+    return entry[1]
+
+
+def _previous_attention(module: nn.Module, implementation: str) -> Callable:
+    """The attention function ``module`` ran under ``implementation`` (``"eager"`` lives in its modeling file)."""
+    if implementation == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"{type(module).__name__} has no eager_attention_forward to keep its local layers on")
+        return eager
+    if implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"attention implementation {implementation!r} of the local layers is not registered")
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def register() -> None:
@@ -166,8 +227,10 @@ class DuoAttentionHandle:
     """What :func:`enable_duo_attention` did to a model, and helpers to work with it.
 
     Attributes:
-        roles: bool ``[num_layers, num_kv_heads]``, True for retrieval heads.
-        layer_roles: per layer, the :class:`LayerRoles` attached to its attention module.
+        roles: bool ``[num_layers, num_kv_heads]``, True for retrieval heads; rows of local layers are all True.
+        layer_roles: per layer, the :class:`LayerRoles` attached to its attention module; None for a local
+            sliding-window layer, which DuoAttention leaves as it was.
+        sliding_windows: per layer, the window of a local layer, None for a DuoAttention layer.
         kv_quant: how retrieval heads store keys and values (None: the model dtype, ``kv_bits=16``).
     """
 
@@ -176,14 +239,21 @@ class DuoAttentionHandle:
     sink: int
     recent: int
     prefill_chunk_size: int | None
-    layer_roles: list[LayerRoles]
+    layer_roles: list[LayerRoles | None]
     previous_attn_implementation: str
+    sliding_windows: list[int | None] = field(default_factory=list)
     kv_quant: KVQuantConfig | None = None
     _hooks: list[Any] = field(default_factory=list)
 
     @property
+    def duo_layers(self) -> np.ndarray:
+        """Bool ``[num_layers]``: True for the layers DuoAttention applies to."""
+        return np.array([r is not None for r in self.layer_roles])
+
+    @property
     def retrieval_ratio(self) -> float:
-        return float(self.roles.mean())
+        """Fraction of retrieval heads among the KV heads of DuoAttention layers."""
+        return float(self.roles[self.duo_layers].mean())
 
     @property
     def kv_bits(self) -> int:
@@ -202,17 +272,21 @@ class DuoAttentionHandle:
         """``sum over layers of (n_retrieval * T * R + n_streaming * min(T, sink + recent) * S) * 2`` bytes.
 
         ``S = head_dim * bytes`` is one vector in the model dtype; ``R = S`` unquantised, else
-        ``head_dim * bits / 8 + 2 * (head_dim / group_size) * bytes`` (codes, scales and zero points).
+        ``head_dim * bits / 8 + 2 * (head_dim / group_size) * bytes`` (codes, scales and zero points). A local
+        layer of window ``W`` adds ``num_kv_heads * min(T, W - 1) * S``: what transformers' own sliding-window
+        cache keeps between forward calls.
         """
         dtype = dtype or self.model.dtype
         elem = torch.empty((), dtype=dtype).element_size()
         head_dim = _head_dim(self.model)
         stream_vec = head_dim * elem
         full_vec = stream_vec if self.kv_quant is None else self.kv_quant.bytes_per_vector(head_dim, elem)
-        n_ret = int(self.roles.sum())
-        n_str = int(self.roles.size - n_ret)
-        per_seq = n_ret * seq_len * full_vec + n_str * min(seq_len, self.sink + self.recent) * stream_vec
-        return batch_size * per_seq * 2
+        duo = self.roles[self.duo_layers]
+        n_ret = int(duo.sum())
+        n_str = int(duo.size - n_ret)
+        tokens = n_str * min(seq_len, self.sink + self.recent)
+        tokens += sum(self.roles.shape[1] * min(seq_len, w - 1) for w in self.sliding_windows if w is not None)
+        return batch_size * (n_ret * seq_len * full_vec + tokens * stream_vec) * 2
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -238,9 +312,13 @@ def enable_duo_attention(
 ) -> DuoAttentionHandle:
     """Switch ``model`` to DuoAttention in place; undo with :func:`disable_duo_attention`.
 
+    Local sliding-window layers (Gemma 2 / 3, Qwen with ``use_sliding_window``) keep their window, their
+    attention implementation and transformers' own cache layers; DuoAttention applies to the other layers.
+
     Args:
-        pattern: gates per (layer, KV head); binarised with ``sparsity`` (fraction of streaming heads) or, if None,
-            with threshold 0.5.
+        pattern: gates per (layer, KV head), one row per decoder layer; binarised with ``sparsity`` (fraction of
+            streaming heads) or, if None, with threshold 0.5. Rows of local layers are ignored: ``sparsity`` ranks
+            the heads of DuoAttention layers only.
         sink, recent: the streaming window; default to the pattern's.
         prefill_chunk_size: if set, ``model.generate`` prefills the prompt in chunks of this many tokens.
         kv_bits: 16 keeps the retrieval heads' cache in the model dtype; 8 or 4 stores it quantised
@@ -259,7 +337,8 @@ def enable_duo_attention(
             f"pattern shape {pattern.shape} (layers x KV heads) does not match the model's "
             f"{expected} ({cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads)"
         )
-    roles = pattern.binarize(sparsity=sparsity)
+    windows = sliding_windows(cfg)
+    roles = pattern.binarize(sparsity=sparsity, layers=np.array([w is None for w in windows]))
     sink = _check_positive_int("sink", pattern.sink if sink is None else sink, 0)
     recent = _check_positive_int("recent", pattern.recent if recent is None else recent, 1)
     if prefill_chunk_size is not None:
@@ -267,11 +346,15 @@ def enable_duo_attention(
     kv_quant = _kv_quant_config(kv_bits, kv_group_size, _head_dim(model))
 
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    layer_roles = []
-    for idx, module in enumerate(modules):
+    layer_roles: list[LayerRoles | None] = []
+    for idx, (module, window) in enumerate(zip(modules, windows)):
+        if window is not None:
+            layer_roles.append(None)
+            continue
         device = next(module.parameters()).device
         layer_roles.append(LayerRoles.build(torch.from_numpy(roles[idx]), groups, sink, recent, device))
     register()
+    previous = cfg._attn_implementation
     handle = DuoAttentionHandle(
         model=model,
         roles=roles,
@@ -279,13 +362,20 @@ def enable_duo_attention(
         recent=recent,
         prefill_chunk_size=prefill_chunk_size,
         layer_roles=layer_roles,
-        previous_attn_implementation=cfg._attn_implementation,
+        previous_attn_implementation=previous,
+        sliding_windows=windows,
         kv_quant=kv_quant,
     )
     setattr(model, HANDLE_ATTR, handle)
     try:
         for module, lr in zip(modules, layer_roles):
-            setattr(module, ROLES_ATTR, lr)
+            if lr is None:
+                setattr(module, LOCAL_ATTR, _previous_attention(module, previous))
+            else:
+                setattr(module, ROLES_ATTR, lr)
+        has_local = any(lr is None for lr in layer_roles)
+        local_mask = previous if has_local and previous in ALL_MASK_ATTENTION_FUNCTIONS else None
+        _LOCAL_MASKS[id(cfg)] = (weakref.ref(cfg), local_mask)
         model.set_attn_implementation(ATTN_NAME)
         _install_cache_defaults(model, handle)
     except BaseException:
@@ -324,7 +414,7 @@ def _install_cache_defaults(model: PreTrainedModel, handle: DuoAttentionHandle) 
 
     def inject_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         use_cache = kwargs.get("use_cache")
-        use_cache = model.config.use_cache if use_cache is None else use_cache
+        use_cache = text_config(model).use_cache if use_cache is None else use_cache  # multimodal: in the text config
         if use_cache is not False and kwargs.get(name) is None and kwargs.get("past_key_values") is None:
             kwargs[name] = handle.new_cache()
         return args, kwargs
@@ -345,8 +435,10 @@ def disable_duo_attention(model: PreTrainedModel) -> None:
     if text_config(model)._attn_implementation != handle.previous_attn_implementation:
         model.set_attn_implementation(handle.previous_attn_implementation)
     for module in attention_modules(model):
-        if hasattr(module, ROLES_ATTR):
-            delattr(module, ROLES_ATTR)
+        for attr in (ROLES_ATTR, LOCAL_ATTR):
+            if attr in vars(module):
+                delattr(module, attr)
+    _LOCAL_MASKS.pop(id(text_config(model)), None)
     delattr(model, HANDLE_ATTR)
 
 

@@ -152,31 +152,55 @@ class HeadPattern:
         return (self.num_layers, self.num_kv_heads)
 
     # ---------------------------------------------------------------------------------------- binarisation
-    def binarize(self, sparsity: float | None = None, threshold: float | None = None) -> np.ndarray:
+    def binarize(
+        self, sparsity: float | None = None, threshold: float | None = None, layers: Any = None
+    ) -> np.ndarray:
         """Boolean roles ``[num_layers, num_kv_heads]``: True = retrieval (full cache), False = streaming.
 
         ``sparsity=s`` makes the ``round(s * num_heads)`` heads with the lowest gates, ranked jointly over all
         layers, streaming. ``threshold=t`` makes heads with gate < t streaming. With neither, ``t = 0.5``.
         Ties are broken deterministically: among equal gates, the head that comes first in (layer, head) order
         becomes streaming first.
+
+        ``layers`` (bool ``[num_layers]``, default all True) names the layers DuoAttention applies to, e.g. the
+        global layers of Gemma. Only their heads are ranked and counted; the rows of the other layers are ignored
+        and come back all True (DuoAttention evicts nothing there: they keep the model's own sliding window).
         """
         if sparsity is not None and threshold is not None:
             raise ValueError("give either sparsity or threshold, not both")
+        selected = self._layer_mask(layers)
+        roles = np.ones(self.gates.shape, dtype=bool)
+        gates = self.gates[selected]
         if sparsity is None:
             t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
             if not math.isfinite(t):
                 raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-            return self.gates >= t
+            roles[selected] = gates >= t
+            return roles
         s = float(sparsity)
         if not (0.0 <= s <= 1.0):  # also refuses NaN
             raise ValueError(f"sparsity must be in [0, 1] (the fraction of streaming heads), got {sparsity!r}")
-        flat = self.gates.reshape(-1)
+        flat = gates.reshape(-1)
         num_streaming = int(math.floor(s * flat.size + 0.5))
         # np.lexsort sorts by the last key first: gate ascending, then flat index ascending (stable tie-break).
         order = np.lexsort((np.arange(flat.size), flat))
-        roles = np.ones(flat.size, dtype=bool)
-        roles[order[:num_streaming]] = False
-        return roles.reshape(self.gates.shape)
+        chosen = np.ones(flat.size, dtype=bool)
+        chosen[order[:num_streaming]] = False
+        roles[selected] = chosen.reshape(gates.shape)
+        return roles
+
+    def _layer_mask(self, layers: Any) -> np.ndarray:
+        if layers is None:
+            return np.ones(self.num_layers, dtype=bool)
+        mask = np.asarray(layers)
+        if mask.dtype != bool or mask.shape != (self.num_layers,):
+            raise ValueError(
+                f"layers must be a bool array of shape ({self.num_layers},) (one entry per pattern row), "
+                f"got dtype {mask.dtype} and shape {mask.shape}"
+            )
+        if not mask.any():
+            raise ValueError("layers selects no layer: DuoAttention needs at least one layer to apply to")
+        return mask
 
     def __repr__(self) -> str:
         return (

@@ -5,38 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import dense_reference_forward, tiny_llama
-from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
-from transformers.masking_utils import AttentionMaskInterface
+from conftest import reference_logits, run_chunks, tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from duoattn import HeadPattern, disable_duo_attention, duo_attention, enable_duo_attention
 from duoattn.cache import DuoCache
-from duoattn.patch import ATTN_NAME, ROLES_ATTR, cache_kwarg, duo_mask
+from duoattn.patch import ATTN_NAME, ROLES_ATTR, cache_kwarg
 
 MIXED = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # 3 layers x 2 KV heads: mixed, all streaming, mixed
-
-
-def reference_logits(model, pattern, ids, **kwargs):
-    """Logits of the whole sequence with explicit per-head masks (no cache)."""
-    AttentionInterface.register("duoref", dense_reference_forward)
-    AttentionMaskInterface.register("duoref", duo_mask)
-    with duo_attention(model, pattern, **kwargs):
-        model.set_attn_implementation("duoref")
-        try:
-            return model(ids, use_cache=False).logits
-        finally:
-            model.set_attn_implementation(ATTN_NAME)
-
-
-def run_chunks(model, ids, cache, sizes):
-    """Feed ``ids`` through the model in chunks of the given sizes; return the logits of every position."""
-    logits, start = [], 0
-    for size in sizes:
-        out = model(ids[:, start : start + size], **{cache_kwarg(model): cache}, use_cache=True)
-        logits.append(out.logits)
-        start += size
-    assert start == ids.shape[1]
-    return torch.cat(logits, dim=1)
 
 
 @pytest.fixture

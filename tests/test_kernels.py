@@ -81,3 +81,53 @@ def test_streaming_attention_has_gradients_like_reference():
     scores = (q_ref @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf"))
     (scores.softmax(-1) @ v).sum().backward()
     torch.testing.assert_close(q.grad, q_ref.grad)
+
+
+# ------------------------------------------------------------------------------------ soft-capped scores (Gemma 2)
+SOFTCAP = 0.7  # small against scores of ~N(0, 1): tanh is far from linear, so capping changes the result
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("t, c, sink, recent, block", [(40, 40, 3, 7, None), (40, 13, 0, 5, 4), (57, 1, 4, 9, None)])
+def test_softcapped_streaming_attention_matches_reference(heads, t, c, sink, recent, block):
+    (hq, hkv) = heads
+    q, k, v = rand(2, hq, c, 8, seed=t), rand(2, hkv, t, 8, seed=t + 1), rand(2, hkv, t, 8, seed=t + 2)
+    n_sink = min(sink, t)
+    args = (q, k[:, :, :n_sink], v[:, :, :n_sink], k, v, 0, recent, 8**-0.5)
+    out = streaming_attention(*args, block=block, softcap=SOFTCAP)
+    ref = reference_attention(q, k, v, torch.zeros(hkv, dtype=torch.bool), sink, recent, softcap=SOFTCAP)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out, streaming_attention(*args, block=block), atol=1e-3)  # the cap matters
+
+
+@pytest.mark.parametrize("t, c", [(30, 30), (30, 1), (30, 11)])
+@pytest.mark.parametrize("scores_per_block", [1 << 22, 64])  # one block, or blocks of 2 queries
+def test_softcapped_causal_attention_matches_reference(t, c, scores_per_block, monkeypatch):
+    import duoattn.kernels.attention as kernels
+
+    monkeypatch.setattr(kernels, "SOFTCAP_SCORES_PER_BLOCK", scores_per_block)
+    q, k, v = rand(1, 6, c, 8, seed=t + c), rand(1, 2, t, 8, seed=t + 1), rand(1, 2, t, 8, seed=t + 2)
+    ref = reference_attention(q, k, v, torch.ones(2, dtype=torch.bool), sink=0, recent=1, softcap=SOFTCAP)
+    torch.testing.assert_close(causal_attention(q, k, v, 8**-0.5, softcap=SOFTCAP), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_softcapped_dense_attention_by_hand():
+    q, k, v = rand(1, 4, 1, 8, seed=21), rand(1, 2, 9, 8, seed=22), rand(1, 2, 9, 8, seed=23)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = q @ kk.transpose(-1, -2) * 8**-0.5
+    expected = torch.softmax(SOFTCAP * torch.tanh(scores / SOFTCAP), dim=-1) @ vv
+    torch.testing.assert_close(dense_attention(q, k, v, 8**-0.5, softcap=SOFTCAP), expected)
+
+
+def test_paths_without_softcap_stay_on_sdpa(monkeypatch):
+    import duoattn.kernels.attention as kernels
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("math fallback used without softcap")
+
+    monkeypatch.setattr(kernels, "softcapped_attention", forbidden)
+    q, k, v = rand(1, 4, 12, 8, seed=31), rand(1, 2, 12, 8, seed=32), rand(1, 2, 12, 8, seed=33)
+    causal_attention(q, k, v, 0.3)
+    causal_attention(q[:, :, -5:], k, v, 0.3)
+    dense_attention(q[:, :, -1:], k, v, 0.3)
+    streaming_attention(q, k[:, :, :2], v[:, :, :2], k, v, 0, 4, 0.3)

@@ -144,3 +144,18 @@ def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
         HeadPattern(np.full((2, 2), 0.75), sink=4, recent=8).save(target)
     monkeypatch.undo()
     assert {name: (target / name).read_text() for name in os.listdir(target)} == before  # and no temp files
+
+
+def test_binarize_over_selected_layers_only():
+    gates = np.array([[0.0, 0.1], [0.9, 0.2], [0.0, 0.0], [0.4, 0.6]])
+    layers = np.array([False, True, False, True])
+    roles = HeadPattern(gates).binarize(sparsity=0.5, layers=layers)
+    # two of the four heads of layers 1 and 3 stream (gates 0.2 and 0.4); rows 0 and 2 are ignored and all True
+    np.testing.assert_array_equal(roles, [[True, True], [True, False], [True, True], [False, True]])
+    np.testing.assert_array_equal(HeadPattern(gates).binarize(layers=layers), [[1, 1], [1, 0], [1, 1], [0, 1]])
+    with pytest.raises(ValueError, match=r"bool array of shape \(4,\)"):
+        HeadPattern(gates).binarize(layers=[True, False])
+    with pytest.raises(ValueError, match="bool array"):
+        HeadPattern(gates).binarize(layers=[1, 0, 1, 0])
+    with pytest.raises(ValueError, match="selects no layer"):
+        HeadPattern(gates).binarize(layers=np.zeros(4, dtype=bool))

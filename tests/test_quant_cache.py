@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
-from test_deploy import MIXED, run_chunks
+from conftest import FAMILIES, dense_reference_forward, run_chunks, tiny_llama
+from test_deploy import MIXED
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -27,13 +27,14 @@ def rand(*shape, seed, dtype=torch.float64):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2), (3, 1)])
 @pytest.mark.parametrize("t, c", [(40, 40), (40, 1), (57, 9), (5, 5)])
-@pytest.mark.parametrize("tile", [7, 512])
-def test_tiled_attention_matches_reference_on_dequantised_inputs(bits, hq, hkv, t, c, tile):
+@pytest.mark.parametrize("tile, softcap", [(7, None), (512, None), (7, 2.0)])
+def test_tiled_attention_matches_reference_on_dequantised_inputs(bits, hq, hkv, t, c, tile, softcap):
     q, k, v = rand(2, hq, c, 16, seed=t), rand(2, hkv, t, 16, seed=t + 1), rand(2, hkv, t, 16, seed=t + 2)
     cfg = KVQuantConfig(bits, group_size=8)
     qk, qv = quantize(k, cfg), quantize(v, cfg)
-    ref = reference_attention(q, dequantize(qk), dequantize(qv), torch.ones(hkv, dtype=torch.bool), 0, 1)
-    out = quantized_causal_attention(q, qk, qv, 16**-0.5, tile=tile)
+    ref = reference_attention(q, dequantize(qk), dequantize(qv), torch.ones(hkv, dtype=torch.bool), 0, 1,
+                              softcap=softcap)
+    out = quantized_causal_attention(q, qk, qv, 16**-0.5, tile=tile, softcap=softcap)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -51,12 +52,15 @@ def test_tiled_attention_in_float32_and_bfloat16():
 def quantised_reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The oracle for a quantised cache: dense per-head masks over keys / values whose retrieval heads went
     through a quantise / dequantise round trip (every token on its own, as the cache stores them)."""
-    roles = getattr(module, ROLES_ATTR)
+    roles = getattr(module, ROLES_ATTR, None)
+    if roles is None:  # a local sliding-window layer: no quantisation, as in deployment
+        return dense_reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     cfg = module.duo_test_kv_quant
     ret = roles.retrieval.to(key.device)
     key = torch.where(ret[None, :, None, None], dequantize(quantize(key, cfg), key.dtype), key)
     value = torch.where(ret[None, :, None, None], dequantize(quantize(value, cfg), value.dtype), value)
-    out = reference_attention(query, key, value, roles.retrieval, roles.sink, roles.recent, scale=scaling)
+    out = reference_attention(query, key, value, roles.retrieval, roles.sink, roles.recent, scale=scaling,
+                              softcap=kwargs.get("softcap"))
     return out.transpose(1, 2), None
 
 
@@ -92,6 +96,25 @@ def test_quantised_cache_matches_oracle_for_every_chunking(bits, group, ids):
         prealloc = run_chunks(model, ids, handle.new_cache(max_cache_len=64), [25, 1, 1, 33])
     for got in (prefill, chunked, decoded, prealloc):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2"])
+def test_quantised_cache_in_other_families(family, ids):
+    """Soft-capping and local sliding-window layers (Gemma 2), q / k / v biases (Qwen2)."""
+    model = FAMILIES[family].build()
+    pattern = HeadPattern(np.random.default_rng(0).random((4, 2)), sink=3, recent=7)
+    kv_quant = KVQuantConfig(4, group_size=4)
+    expected = quantised_reference_logits(model, pattern, ids, kv_quant, sparsity=0.5)
+    with duo_attention(model, pattern, sparsity=0.5, kv_bits=4, kv_group_size=4) as handle:
+        cache = handle.new_cache()
+        chunked = run_chunks(model, ids, cache, [13, 1, 26, 1, 19])
+        assert cache.kv_bytes() == handle.expected_kv_bytes(ids.shape[1])  # local layers counted too
+        single = model(ids).logits
+    torch.testing.assert_close(chunked, single, rtol=1e-12, atol=1e-12)  # chunking changes nothing
+    # Gemma 2's local layers run eager attention, whose softmax is float32 even in a float64 model (as in
+    # test_families.tolerance).
+    atol = 1e-5 if FAMILIES[family].attn == "eager" else 1e-9
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=atol)
 
 
 def teacher_forced_logits(model, pattern, seq, prompt_len, **kwargs):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
+
+from .prompts import Sample
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -19,6 +21,7 @@ INTRO = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
+MAX_NEW_TOKENS = 8  # a 5-digit key is at most a few tokens; the demo generates as many
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,44 @@ def score_passkey(answer: str, generated: str) -> float:
     """1.0 if the first number in the generated text is the passkey, else 0.0."""
     match = re.search(r"\d+", generated)
     return float(match is not None and match.group(0) == answer)
+
+
+@dataclass
+class PasskeyTask:
+    """The demo's quick check: ``samples`` passkeys per length, at depths spread evenly over the context.
+
+    Prompts and seeds are those of ``duoattn demo`` (same defaults), so both give the same answers. The prompt
+    is always the raw completion prompt.
+    """
+
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    samples_per_length: int = 3
+    seed: int = 20261129
+
+    name = "passkey"
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
+        if self.samples_per_length < 1:
+            raise ValueError(f"samples_per_length must be >= 1, got {self.samples_per_length}")
+
+    def samples(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[Sample]:
+        if chat_template:
+            raise ValueError("the passkey check uses the raw completion prompt; run it without --chat-template")
+        out = []
+        for length in self.lengths:
+            for i in range(self.samples_per_length):
+                depth = (i + 0.5) / self.samples_per_length
+                s = passkey_sample(tokenizer, length, depth=depth, seed=self.seed + 1000 * length + i)
+                out.append(
+                    Sample(
+                        key=f"L{length}/{i}",
+                        input_ids=s.input_ids,
+                        references=[s.answer],
+                        metric="passkey",
+                        max_new_tokens=MAX_NEW_TOKENS,
+                        meta={"task": "passkey", "length": length, "depth": depth, "index": i},
+                    )
+                )
+        return out

@@ -8,6 +8,10 @@ so keys and values are never repeated in memory.
   that no ``T x T`` mask is ever built: each block of queries attends only to the sink keys and the
   ``block + recent - 1`` keys that can fall inside its windows.
 * :func:`dense_attention` - every key visible to every query (one decoding query over a streaming cache).
+
+Every kernel takes an optional ``softcap`` (Gemma 2): scores become ``softcap * tanh(scores / softcap)`` before
+the softmax. SDPA cannot do that, so soft-capped calls take a math path (:func:`softcapped_attention`) over the
+same blocks; calls without ``softcap`` never leave SDPA.
 """
 
 from __future__ import annotations
@@ -18,19 +22,73 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+# Soft-capped causal attention materialises scores for one block of queries at a time; a block holds at most this
+# many (query, key) pairs per head.
+SOFTCAP_SCORES_PER_BLOCK = 1 << 22
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Math attention with soft-capped scores.
+
+    Args:
+        q: ``[..., Hq, C, D]``; k, v: ``[..., Hkv, T, D]`` with ``Hq`` a multiple of ``Hkv`` (query head ``h`` uses
+            KV head ``h // (Hq / Hkv)``).
+        mask: bool, True = visible, broadcastable to ``[..., Hq, C, T]`` with a head dimension of size 1.
+    Returns:
+        ``[..., Hq, C, D]``.
+    """
+    *lead, hq, c, d = q.shape
+    hkv = k.shape[-3]
+    # Group the query heads by KV head so that keys broadcast instead of being repeated.
+    qg = q.reshape(*lead, hkv, hq // hkv, c, d)
+    scores = (qg @ k.unsqueeze(-3).transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+    # The softmax runs in at least float32 (as the models' eager paths do), in float64 for float64 inputs.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+    return (probs @ v.unsqueeze(-3)).reshape(*lead, hq, c, d)
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float | None = None
+) -> torch.Tensor:
     """``q [B, Hq, C, D]`` attends to every key of ``k, v [B, Hkv, T, D]``."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, scale, softcap)
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _causal_softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """Soft-capped causal attention, one block of queries at a time: never a ``C x T`` score matrix at once."""
+    c, t = q.shape[-2], k.shape[-2]
+    offset = t - c  # absolute position of the first query
+    block = max(1, min(c, SOFTCAP_SCORES_PER_BLOCK // t))
+    out = torch.empty_like(q)
+    for start in range(0, c, block):
+        end = min(c, start + block)
+        n_keys = offset + end  # keys past the block's last query are never visible
+        q_pos = torch.arange(offset + start, offset + end, device=q.device)
+        mask = torch.arange(n_keys, device=q.device)[None, :] <= q_pos[:, None]
+        out[..., start:end, :] = softcapped_attention(
+            q[..., start:end, :], k[..., :n_keys, :], v[..., :n_keys, :], scale, softcap, mask
+        )
+    return out
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float | None = None
+) -> torch.Tensor:
     """Causal attention where the ``C`` queries ``[B, Hq, C, D]`` sit at the last ``C`` of ``T`` key positions."""
     c, t = q.shape[-2], k.shape[-2]
+    if c == 1:
+        return dense_attention(q, k, v, scale, softcap)
+    if softcap is not None:
+        return _causal_softcapped(q, k, v, scale, softcap)
     if c == t:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    if c == 1:
-        return dense_attention(q, k, v, scale)
     # Lower-right aligned causal mask; flash / memory-efficient kernels take it without materialising it.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(c, t), scale=scale, enable_gqa=True)
 
@@ -75,6 +133,7 @@ def streaming_attention(
     recent: int,
     scale: float,
     block: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Token-exact sink + recent attention.
 
@@ -86,6 +145,7 @@ def streaming_attention(
             Run keys at positions below ``S`` are ignored (they are the sink keys).
         recent: the window: query ``i`` sees run key ``j`` iff ``j <= i`` and ``i - j < recent``; it sees sink key
             ``s`` iff ``s <= i``.
+        softcap: if set, scores are soft-capped (math path, same blocks).
     Returns:
         ``[B, Hq, C, D]``.
     """
@@ -115,5 +175,8 @@ def streaming_attention(
     keys, values = windows(k_run, k_sink), windows(v_run, v_sink)
     queries = F.pad(q, (0, 0, 0, pad_right)).view(bsz, hq, num_blocks, block, d).transpose(1, 2)
     mask = _window_mask(num_blocks, block, window, num_sink, run_start, run_len, first_query, pad_left, recent, q.device)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = softcapped_attention(queries, keys, values, scale, softcap, mask)
     return out.transpose(1, 2).reshape(bsz, hq, num_blocks * block, d)[:, :, :c]

@@ -3,6 +3,7 @@
 DuoAttention's rule for a streaming head (token-exact): the query at absolute position ``i`` sees the key at
 absolute position ``j`` if and only if ``j <= i`` and (``j < sink`` or ``i - j < recent``). A retrieval head sees
 every ``j <= i``. A query head takes the role of its KV head (query head ``h`` uses KV head ``h // group``).
+A sliding-window layer of window ``W`` is the same rule with every head streaming, ``sink = 0`` and ``recent = W``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def reference_attention(
     recent: int,
     q_pos: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """DuoAttention computed densely in float64.
 
@@ -35,6 +37,7 @@ def reference_attention(
         q: ``[B, Hq, C, D]`` queries at absolute positions ``q_pos`` (default: the last C positions of the keys).
         k, v: ``[B, Hkv, T, D]`` keys and values at absolute positions ``0..T-1``.
         retrieval: bool ``[Hkv]``, True for retrieval (full) heads.
+        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking and softmax.
     Returns:
         ``[B, Hq, C, D]`` in the dtype of ``q``.
     """
@@ -50,6 +53,8 @@ def reference_attention(
         kv = h // group
         mask = visibility(q_pos.cpu(), k_pos, sink, recent, streaming=not bool(retrieval[kv]))
         scores = q[:, h].double() @ k[:, kv].double().transpose(-1, -2) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
         out[:, h] = (scores.softmax(-1) @ v[:, kv].double()).cpu()
     return out.to(q.dtype).to(q.device)

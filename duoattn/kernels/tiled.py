@@ -30,19 +30,26 @@ def _triton_decode() -> Callable | None:
     return quantized_decode_attention
 
 
-def quantized_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, scale: float) -> torch.Tensor:
+def quantized_attention(
+    q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, scale: float, softcap: float | None = None
+) -> torch.Tensor:
     """Causal attention over a quantised cache: the Triton split-KV kernel for one decoding query on CUDA (head_dim
-    a power of two >= 32), :func:`quantized_causal_attention` otherwise."""
+    a power of two >= 32, no soft-capping), :func:`quantized_causal_attention` otherwise."""
     d = q.shape[-1]
-    if q.is_cuda and q.shape[-2] == 1 and d >= 32 and not d & (d - 1):
+    if q.is_cuda and q.shape[-2] == 1 and softcap is None and d >= 32 and not d & (d - 1):
         kernel = _triton_decode()
         if kernel is not None:
             return kernel(q, k, v, scale)
-    return quantized_causal_attention(q, k, v, scale)
+    return quantized_causal_attention(q, k, v, scale, softcap=softcap)
 
 
 def quantized_causal_attention(
-    q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, scale: float, tile: int = DEFAULT_TILE
+    q: torch.Tensor,
+    k: QuantizedKV,
+    v: QuantizedKV,
+    scale: float,
+    tile: int = DEFAULT_TILE,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention where the ``C`` queries ``[B, Hq, C, D]`` sit at the last ``C`` of the ``T`` cached
     positions (lower-right causal rule: query ``i`` sees keys ``0..T-C+i``).
@@ -50,6 +57,7 @@ def quantized_causal_attention(
     Args:
         k, v: quantised ``[B, Hkv, T, ...]`` (see :class:`~duoattn.quant.kv.QuantizedKV`).
         tile: keys dequantised at once.
+        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` (Gemma 2).
     Returns:
         ``[B, Hq, C, D]`` in the dtype of ``q``.
     """
@@ -72,6 +80,8 @@ def quantized_causal_attention(
         stop = min(start + tile, t)
         keys = dequantize(k.tokens(start, stop), work)  # [B, Hkv, n, D]
         scores = rows @ keys.transpose(-1, -2)  # [B, Hkv, G*C, n]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         if stop - 1 > first_query:  # some key of this tile lies after some query
             k_pos = torch.arange(start, stop, device=q.device)
             scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
