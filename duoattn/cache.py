@@ -21,6 +21,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
+from .quant.kv import QuantizedKV
 from .roles import LayerRoles
 
 
@@ -30,13 +31,13 @@ class DuoStates:
 
     Attributes:
         full: ``[B, n_retrieval, T, D]`` positions ``0..T-1``; the queries are the last C of them. None if no
-            retrieval head.
+            retrieval head; a ``QuantizedKV`` if the layer stores them quantised.
         sink: ``[B, n_streaming, S, D]`` streaming keys at positions ``0..S-1``. When ``run`` is None (decoding one
             token) it instead holds exactly the keys the query sees, in any order.
         run: ``[B, n_streaming, R, D]`` consecutive positions ``run_start..`` ending at the last query.
     """
 
-    full: torch.Tensor | None
+    full: torch.Tensor | QuantizedKV | None
     sink: torch.Tensor | None
     run: torch.Tensor | None
     run_start: int
@@ -251,6 +252,8 @@ class DuoCache(Cache):
             example the local sliding-window layers of Gemma).
         config: the model config, used to build the default layers (sliding windows included).
         max_cache_len: preallocate retrieval caches to this many tokens (see :class:`DuoLayer`).
+        layer_factory: builds each DuoAttention layer as ``layer_factory(roles, max_cache_len=...)``; default
+            :class:`DuoLayer` (``duoattn.quant.cache.QuantizedDuoLayer`` stores retrieval heads quantised).
     """
 
     def __init__(
@@ -258,6 +261,7 @@ class DuoCache(Cache):
         layer_roles: Sequence[LayerRoles | None],
         config: PretrainedConfig | None = None,
         max_cache_len: int | None = None,
+        layer_factory: Callable[..., DuoLayer] | None = None,
     ):
         if config is not None:
             layers = list(DynamicCache(config=config).layers)
@@ -265,9 +269,10 @@ class DuoCache(Cache):
                 raise ValueError(f"config has {len(layers)} layers, layer_roles has {len(layer_roles)}")
         else:
             layers = [DynamicLayer() for _ in layer_roles]
+        make = layer_factory or DuoLayer
         for idx, roles in enumerate(layer_roles):
             if roles is not None:
-                layers[idx] = DuoLayer(roles, max_cache_len=max_cache_len)
+                layers[idx] = make(roles, max_cache_len=max_cache_len)
         super().__init__(layers=layers)
 
     def kv_bytes(self) -> int:

