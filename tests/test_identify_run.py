@@ -104,3 +104,19 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["identify", "--out", str(out), "--haystack", str(tmp_path / "none.txt"), "--steps", "0"]) == 2
     assert "steps must be an integer >= 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_embedded_model_two_steps(smol, tmp_path):
+    model, tokenizer = smol
+    flags = [p.requires_grad for p in model.parameters()]
+    config = IdentifyConfig(out=str(tmp_path / "run"), steps=2, min_len=420, max_len=460, num_passkeys=2,
+                            passkey_words=4, sink=16, recent=64, save_every=1)
+    result = identify(config, model=model, tokenizer=tokenizer, progress=False)
+    first, second = result.history
+    assert first["distill"] == 0.0  # all gates 1: the student is exactly the teacher
+    assert 0.0 < second["distill"] < 1.0
+    gates = result.pattern.gates
+    assert gates.shape == (30, 3) and (gates < 1).all() and (gates > 0.9).all()  # two steps of at most lr each
+    assert len(np.unique(gates)) > 1  # float32 gates: the heads already differ
+    assert model.config._attn_implementation == "sdpa" and [p.requires_grad for p in model.parameters()] == flags

@@ -42,18 +42,21 @@ def plot_gates(gates: np.ndarray, path: Path, title: str) -> None:
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Distillation loss and mean gate per step (log scale), learning rate on the right axis."""
+    """Distillation loss per step (log scale, left); mean gate and relative learning rate (right, 0..1)."""
     steps = [r["step"] for r in history]
+    peak = max(r["lr"] for r in history)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [max(r["distill"], 1e-12) for r in history], label="distillation MSE", color="tab:blue")
-    ax.plot(steps, [r["reg"] for r in history], label="mean gate (the regulariser mean|alpha|)", color="tab:orange")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss term")
+    ax.set_ylabel("distillation MSE")
     right = ax.twinx()
-    right.plot(steps, [r["lr"] for r in history], label="learning rate", color="tab:gray", linestyle=":")
-    right.set_ylabel("learning rate")
+    right.plot(steps, [r["mean_gate"] for r in history], label="mean gate", color="tab:orange")
+    right.plot(steps, [r["lr"] / peak for r in history], label=f"learning rate / {peak:g}", color="tab:gray",
+               linestyle=":")
+    right.set_ylim(0.0, 1.05)
+    right.set_ylabel("mean gate, relative learning rate")
     lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8)
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     ax.set_title(title, fontsize=9)
     _save(fig, path)

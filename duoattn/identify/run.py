@@ -116,6 +116,7 @@ def identify(
         "num_layers": cfg.num_hidden_layers,
         "num_kv_heads": cfg.num_key_value_heads,
         "final_distill_loss": history[-1]["distill"],
+        "save_every": config.save_every,
         "train_seconds": round(sum(r["seconds"] for r in history), 1),
         "versions": {"duoattn": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }

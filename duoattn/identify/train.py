@@ -25,13 +25,13 @@ from transformers import PreTrainedModel
 from ..data.passkeys import PasskeyConfig
 from ..models import text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
-from .gates import GateSet, gated_attention
+from .gates import GateSet, gated_attention, student_forward, teacher_forward
 from .schedule import lr_factor
 
 # Defaults for the embedded SmolLM2-135M on 2 CPU cores (docs/identification.md shows the measurements).
-DEFAULT_STEPS = 80
+DEFAULT_STEPS = 64
 DEFAULT_MIN_LEN = 1024
-DEFAULT_MAX_LEN = 1536
+DEFAULT_MAX_LEN = 1280
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -124,15 +124,13 @@ def _step(
     model: PreTrainedModel, gate_set: GateSet, optimizer: torch.optim.Optimizer, sample: Sample, reg: float
 ) -> dict[str, float]:
     """One optimisation step on one sample: teacher pass, student pass, backward, AdamW, clamp."""
-    base = model.base_model  # the decoder without the LM head: its output is the final normalised hidden state
     device = gate_set.gates.device
     ids = sample.input_ids.to(device)[None]
     positions = sample.loss_positions.to(device)
-    gate_set.set_mode("teacher")
-    with torch.no_grad():
-        target = base(ids, use_cache=False).last_hidden_state[0, positions].float()
-    gate_set.set_mode("student")
-    hidden = base(ids, use_cache=False).last_hidden_state[0, positions].float()
+    # Before sink + recent the student equals the teacher: its pass starts there (or at the first loss position).
+    start = min(gate_set.sink + gate_set.recent, int(positions.min()))
+    target = teacher_forward(model, gate_set, ids)[0, positions].float()
+    hidden = student_forward(model, gate_set, ids, start)[0, positions - start].float()
     distill = (hidden - target).pow(2).mean()
     penalty = gate_set.gates.abs().mean()
     loss = distill + reg * penalty
@@ -183,7 +181,7 @@ def train_gates(
                 record["seconds"] = time.perf_counter() - tic
                 history.append(record)
                 bar.update()
-                bar.set_postfix(loss=f"{record['distill']:.4g}", reg=f"{record['reg']:.3f}",
+                bar.set_postfix(loss=f"{record['distill']:.3g}", reg=f"{config.reg * record['reg']:.3g}",
                                 gate=f"{record['mean_gate']:.3f}")
                 if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                     state = optimizer.state_dict()["state"]
