@@ -17,6 +17,10 @@ equals the teacher exactly at those positions, whatever the gates (and its gradi
 pass therefore starts at ``start`` (at most ``sink + recent``) and takes the keys and values of the positions
 before it from the teacher: the result and its gradient are exactly those of a pass over the whole sequence.
 
+Soft-capped models (Gemma 2) pass ``softcap`` to every kernel. Local sliding-window layers (Gemma 2/3, Mistral
+with a binding window) keep their window in both passes and are not gated: their gates stay at 1, take no part in
+the regulariser, and :meth:`HeadPattern.binarize` is given the global layers only.
+
 Nothing in the model's code changes: :func:`gated_attention` attaches a :class:`GateSet` to every attention module
 and switches the model to the registered function; leaving the block restores the previous implementation.
 """
@@ -33,7 +37,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..kernels.attention import causal_attention, streaming_attention
-from ..models import attention_modules, check_supported
+from ..models import attention_modules, check_supported, sliding_windows
 from ..patch import HANDLE_ATTR, duo_mask
 
 GATED_ATTN = "duoattn_gated"
@@ -52,7 +56,10 @@ class GateSet:
             ``[B, Hkv, T, D]`` for the current sample.
     """
 
-    def __init__(self, gates: torch.Tensor, num_query_heads: int, sink: int, recent: int):
+    def __init__(
+        self, gates: torch.Tensor, num_query_heads: int, sink: int, recent: int,
+        windows: list[int | None] | None = None,
+    ):
         if gates.dim() != 2:
             raise ValueError(f"gates must have shape [num_layers, num_kv_heads], got {tuple(gates.shape)}")
         if num_query_heads % gates.shape[1]:
@@ -61,6 +68,10 @@ class GateSet:
         self.group = num_query_heads // gates.shape[1]
         self.sink = sink
         self.recent = recent
+        # per layer: the window of a local sliding-window layer (not gated), None for a gated layer
+        self.windows = list(windows) if windows is not None else [None] * gates.shape[0]
+        if len(self.windows) != gates.shape[0]:
+            raise ValueError(f"{len(self.windows)} layer windows for {gates.shape[0]} layers of gates")
         self.student = False
         self.start = 0
         self.clear()
@@ -68,6 +79,10 @@ class GateSet:
     def query_gates(self, layer: int) -> torch.Tensor:
         """``[Hq, 1]``: the gate of each query head of ``layer`` (that of its KV head)."""
         return self.gates[layer].repeat_interleave(self.group)[:, None]
+
+    def gated_layers(self) -> torch.Tensor:
+        """bool ``[num_layers]``: the layers whose heads are gated (every layer but the local ones)."""
+        return torch.tensor([w is None for w in self.windows], device=self.gates.device)
 
     def clear(self) -> None:
         num_layers = self.gates.shape[0]
@@ -77,34 +92,52 @@ class GateSet:
 
 
 def _teacher(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             scale: float) -> torch.Tensor:
-    out = causal_attention(query, key, value, scale).transpose(1, 2)
+             scale: float, softcap: float | None) -> torch.Tensor:
+    window = gate_set.windows[layer]
+    if window is None:
+        out = causal_attention(query, key, value, scale, softcap)
+    else:  # a local layer: the last `window` keys, no sink
+        empty = key[:, :, :0]
+        out = streaming_attention(query, empty, empty, key, value, 0, window, scale, softcap=softcap)
+    out = out.transpose(1, 2)
     gate_set.full[layer], gate_set.keys[layer], gate_set.values[layer] = out, key, value
     return out
 
 
-def _student(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             scale: float) -> torch.Tensor:
-    """Queries, keys and values at positions ``start..T-1``; earlier keys come from the teacher."""
-    full, t_keys, t_values = gate_set.full[layer], gate_set.keys[layer], gate_set.values[layer]
+def _windowed(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              scale: float, softcap: float | None, sink: int, recent: int) -> torch.Tensor:
+    """Sink + recent attention of the student's queries at ``start..T-1`` -> ``[B, C, Hq, D]``; the keys before
+    ``start`` come from the teacher."""
+    t_keys, t_values = gate_set.keys[layer], gate_set.values[layer]
     start, total = gate_set.start, gate_set.start + query.shape[-2]
-    if full is None or full.shape[1] != total:
-        raise RuntimeError(f"layer {layer}: run the teacher pass on the same input before the student pass")
     # Sink keys: positions 0..min(sink, T)-1, from the teacher before `start`, from the student after it.
-    n_sink = min(gate_set.sink, total)
+    n_sink = min(sink, total)
     taken = min(n_sink, start)
     k_sink = torch.cat([t_keys[:, :, :taken], key[:, :, : n_sink - taken]], dim=2)
     v_sink = torch.cat([t_values[:, :, :taken], value[:, :, : n_sink - taken]], dim=2)
     # The run: every position a query's window can reach, lo..T-1.
-    lo = max(0, start - gate_set.recent + 1)
+    lo = max(0, start - recent + 1)
     k_run = torch.cat([t_keys[:, :, lo:start], key], dim=2)
     v_run = torch.cat([t_values[:, :, lo:start], value], dim=2)
-    stream = streaming_attention(query, k_sink, v_sink, k_run, v_run, lo, gate_set.recent, scale).transpose(1, 2)
+    out = streaming_attention(query, k_sink, v_sink, k_run, v_run, lo, recent, scale, softcap=softcap)
+    return out.transpose(1, 2)
+
+
+def _student(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             scale: float, softcap: float | None) -> torch.Tensor:
+    """Queries, keys and values at positions ``start..T-1``; earlier keys come from the teacher."""
+    full = gate_set.full[layer]
+    if full is None or full.shape[1] != gate_set.start + query.shape[-2]:
+        raise RuntimeError(f"layer {layer}: run the teacher pass on the same input before the student pass")
+    window = gate_set.windows[layer]
+    if window is not None:  # a local layer keeps its window, ungated
+        return _windowed(gate_set, layer, query, key, value, scale, softcap, 0, window)
+    stream = _windowed(gate_set, layer, query, key, value, scale, softcap, gate_set.sink, gate_set.recent)
     # lerp(stream, full, alpha) = alpha * full + (1 - alpha) * stream, exact at alpha = 0 and alpha = 1. Mixed in
     # at least float32, so that a bfloat16 model does not round the gates to bfloat16 (which makes gates tie).
     dtype = torch.promote_types(stream.dtype, gate_set.gates.dtype)
     alpha = gate_set.query_gates(layer).to(dtype)
-    mixed = torch.lerp(stream.to(dtype), full[:, start:].to(dtype), alpha)
+    mixed = torch.lerp(stream.to(dtype), full[:, gate_set.start:].to(dtype), alpha)
     return mixed.to(query.dtype)
 
 
@@ -127,7 +160,7 @@ def gated_attention_forward(
         raise RuntimeError("gated attention runs without a cache: call the model with use_cache=False")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     attend = _student if gate_set.student else _teacher
-    return attend(gate_set, module.layer_idx, query, key, value, scale), None
+    return attend(gate_set, module.layer_idx, query, key, value, scale, kwargs.get("softcap")), None
 
 
 def teacher_forward(model: PreTrainedModel, gate_set: GateSet, ids: torch.Tensor) -> torch.Tensor:

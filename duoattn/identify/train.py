@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from ..data.passkeys import PasskeyConfig
-from ..models import text_config
+from ..models import sliding_windows, text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from .gates import GateSet, gated_attention, student_forward, teacher_forward
 from .schedule import lr_factor
@@ -132,7 +132,7 @@ def _step(
     target = teacher_forward(model, gate_set, ids)[0, positions].float()
     hidden = student_forward(model, gate_set, ids, start)[0, positions - start].float()
     distill = (hidden - target).pow(2).mean()
-    penalty = gate_set.gates.abs().mean()
+    penalty = gate_set.gates[gate_set.gated_layers()].abs().mean()
     loss = distill + reg * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -166,7 +166,8 @@ def train_gates(
     was_training = model.training
     model.eval()
     model.requires_grad_(False)  # only the gates get gradients
-    gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent)
+    gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent, sliding_windows(cfg))
+    gated = gate_set.gated_layers()
     bar = tqdm(total=config.steps, initial=start, desc="identify", unit="step", disable=not progress)
     try:
         with gated_attention(model, gate_set):
@@ -177,7 +178,7 @@ def train_gates(
                     group["lr"] = lr
                 sample = sample_fn(step)
                 record = {"step": step + 1, **_step(model, gate_set, optimizer, sample, config.reg)}
-                record.update(mean_gate=gates.mean().item(), lr=lr, length=int(sample.input_ids.numel()))
+                record.update(mean_gate=gates[gated].mean().item(), lr=lr, length=int(sample.input_ids.numel()))
                 record["seconds"] = time.perf_counter() - tic
                 history.append(record)
                 bar.update()
