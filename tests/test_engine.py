@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import dense_reference_forward, tiny_llama
+from conftest import FAMILIES, dense_reference_forward, reference_logits as family_reference_logits, tiny_llama
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -198,6 +198,33 @@ def test_all_retrieval_engine_equals_unpatched_model(tiny_model):
         first = prefill(tiny_model, cache, ids[:, :30], 8).argmax(-1)
         greedy = DecodeRunner(tiny_model, cache).greedy(first, 9)
     assert torch.equal(torch.cat([first[:, None], greedy], dim=1), tokens[:, 30:])
+
+
+GLOBAL_ONLY = [name for name, fam in FAMILIES.items() if fam.window is None and fam.attn != "eager"]
+
+
+@pytest.mark.parametrize("family", GLOBAL_ONLY)
+def test_engine_matches_dense_reference_in_every_family(family):
+    """Biases (Qwen2), q / k norms (Qwen3), the fused qkv projection (Phi-3) through reordering and the engine."""
+    model = FAMILIES[family].build(num_layers=3, heads=4, kv_heads=2)
+    ids = ids_of(60, seed=5)
+    pattern = HeadPattern(np.random.default_rng(1).random((3, 2)), sink=2, recent=6)
+    expected = family_reference_logits(model, pattern, ids, sparsity=0.5)
+    with fast_duo_attention(model, pattern, sparsity=0.5) as engine:
+        cache = engine.new_cache(max_len=64)
+        last = prefill(model, cache, ids[:, :40], 16)
+        torch.testing.assert_close(last, expected[:, 39], rtol=1e-9, atol=1e-9)
+        runner = DecodeRunner(model, cache)
+        decoded = torch.stack([runner.step(ids[:, t]).clone() for t in range(40, 60)], dim=1)
+        torch.testing.assert_close(decoded, expected[:, 40:60], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name not in GLOBAL_ONLY])
+def test_engine_refuses_local_layers_and_soft_capping(family):
+    model = FAMILIES[family].build(num_layers=4, heads=4, kv_heads=2)
+    with pytest.raises(ValueError, match="fast engine does not support"):
+        enable_fast_duo(model, HeadPattern.uniform(4, 2, 1.0, sink=2, recent=6))
+    assert model.config._attn_implementation == FAMILIES[family].attn  # left as it was
 
 
 def test_generate_with_the_static_cache_matches_the_core_cache(tiny_model):

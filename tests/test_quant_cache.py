@@ -98,9 +98,9 @@ def test_quantised_cache_matches_oracle_for_every_chunking(bits, group, ids):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "qwen2"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_quantised_cache_in_other_families(family, ids):
-    """Soft-capping and local sliding-window layers (Gemma 2), q / k / v biases (Qwen2)."""
+    """Every family: biases, q / k norms, fused qkv, soft-capping and local sliding-window layers."""
     model = FAMILIES[family].build()
     pattern = HeadPattern(np.random.default_rng(0).random((4, 2)), sink=3, recent=7)
     kv_quant = KVQuantConfig(4, group_size=4)
@@ -110,7 +110,8 @@ def test_quantised_cache_in_other_families(family, ids):
         chunked = run_chunks(model, ids, cache, [13, 1, 26, 1, 19])
         assert cache.kv_bytes() == handle.expected_kv_bytes(ids.shape[1])  # local layers counted too
         single = model(ids).logits
-    torch.testing.assert_close(chunked, single, rtol=1e-12, atol=1e-12)  # chunking changes nothing
+    tol = 1e-5 if FAMILIES[family].attn == "eager" else 1e-12  # eager (Gemma 2 local layers): float32 softmax
+    torch.testing.assert_close(chunked, single, rtol=tol, atol=tol)  # chunking changes nothing
     # Gemma 2's local layers run eager attention, whose softmax is float32 even in a float64 model (as in
     # test_families.tolerance).
     atol = 1e-5 if FAMILIES[family].attn == "eager" else 1e-9

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..kernels.dispatch import KernelChoice
-from ..models import attention_modules, check_supported, text_config
+from ..models import attention_modules, check_supported, sliding_windows, text_config
 from ..patch import HANDLE_ATTR, ROLES_ATTR
 from ..pattern import HeadPattern
 from ..roles import LayerRoles
@@ -97,6 +97,12 @@ def enable_fast_duo(
     expected = (cfg.num_hidden_layers, cfg.num_key_value_heads)
     if pattern.shape != expected:
         raise ValueError(f"pattern shape {pattern.shape} (layers x KV heads) does not match the model's {expected}")
+    local = [i for i, w in enumerate(sliding_windows(cfg)) if w is not None]
+    if local or getattr(cfg, "attn_logit_softcapping", None) is not None:
+        what = f"local sliding-window layers {local}" if local else "attention soft-capping"
+        raise ValueError(
+            f"the fast engine does not support {what} ({cfg.model_type}); use duo_attention(...), which does"
+        )
     roles = pattern.binarize(sparsity=sparsity)
     sink = _positive_int("sink", pattern.sink if sink is None else sink, 0)
     recent = _positive_int("recent", pattern.recent if recent is None else recent, 1)
