@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .io import atomic_write_text
 
 GATES_FILE = "full_attention_heads.tsv"
 CONFIG_FILE = "config.json"
@@ -43,19 +44,6 @@ def _as_gates(gates: Any) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -134,8 +122,8 @@ class HeadPattern:
         directory.mkdir(parents=True, exist_ok=True)
         rows = ["\t".join(f"{g:.18e}" for g in row) for row in self.gates]
         config = {**self.metadata, "sink_size": self.sink, "recent_size": self.recent}
-        _atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _atomic_write_text(directory / GATES_FILE, "\n".join(rows) + "\n")
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / GATES_FILE, "\n".join(rows) + "\n")
         return directory
 
     # ------------------------------------------------------------------------------------------ properties

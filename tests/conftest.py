@@ -147,6 +147,16 @@ def run_chunks(model, ids, cache, sizes):
     return torch.cat(logits, dim=1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine, two threads mostly wait for each other.
+    A test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, dense_reference_forward, reference_logits as family_reference_logits, tiny_llama
+from conftest import FAMILIES, dense_reference_forward, tiny_llama
+from conftest import reference_logits as family_reference_logits
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 

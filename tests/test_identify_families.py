@@ -19,12 +19,7 @@ from duoattn.models import sliding_windows
 LAYERS, HEADS, KV_HEADS, SINK, RECENT = 4, 4, 2, 2, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from identify_helpers import CharTokenizer, one_long_range_head_model
 from test_identify_data import TEXT
 
@@ -20,12 +19,7 @@ from duoattn.pattern import CONFIG_FILE, GATES_FILE
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -22,14 +22,7 @@ from duoattn.identify.train import IdentifyConfig, train_gates
 from duoattn.kernels.reference import reference_attention
 from duoattn.patch import duo_mask
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(tmp_path: Path, **kwargs) -> IdentifyConfig:

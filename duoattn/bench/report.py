@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..io import atomic_write_bytes, save_figure
 from .config import BenchConfig, Row
 
 GIB = float(1 << 30)
@@ -87,16 +87,6 @@ def summary(config: BenchConfig, rows: list[Row], env: dict[str, Any], bandwidth
     }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot(rows: list[Row], path: Path) -> bool:
@@ -129,15 +119,10 @@ def plot(rows: list[Row], path: Path) -> bool:
         ax.grid(True, alpha=0.3)
     ax_t.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True
 
 
@@ -147,9 +132,9 @@ def write_outputs(
     """``config.json`` (what made the run), ``results.json``, ``table.txt`` and ``decode.png`` under ``out``."""
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-    _atomic_write(directory / "results.json", (json.dumps(report, indent=2) + "\n").encode())
-    _atomic_write(directory / "table.txt", (table(rows) + "\n").encode())
+    atomic_write_bytes(directory / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(directory / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / "table.txt", (table(rows) + "\n").encode())
     if with_plot:
         plot(rows, directory / "decode.png")
     return directory

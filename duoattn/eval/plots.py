@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
+
+from ..io import save_figure
 
 # Red for a missed needle, through yellow, to green for a found one.
 FOUND_CMAP = LinearSegmentedColormap.from_list("found", ["#F0496E", "#EBB839", "#0CD79F"])
@@ -24,21 +25,6 @@ KIND_STYLE = {
     "random": dict(color="#7f7f7f", marker="s"),
     "streaming": dict(color="#d62728", marker="x", markersize=9, linestyle="none"),
 }
-
-
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write the PNG under a temporary name in the same directory, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _length_label(n: int) -> str:
@@ -63,7 +49,7 @@ def niah_heatmap(
     mean = sum(found) / max(1, len(found))
     ax.set_title(f"{title}  (mean {mean:.2f})")
     fig.colorbar(image, ax=ax, label="needle words recovered")
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def budget_sweep(summary: dict[str, Any], title: str, path: str | os.PathLike[str]) -> Path:
@@ -98,7 +84,7 @@ def budget_sweep(summary: dict[str, Any], title: str, path: str | os.PathLike[st
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def scores_by(summary: dict[str, Any], key: str, title: str, path: str | os.PathLike[str]) -> Path:
@@ -121,4 +107,4 @@ def scores_by(summary: dict[str, Any], key: str, title: str, path: str | os.Path
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..pattern import _atomic_write_text
+from ..io import atomic_write_text
 
 CONFIG_FILE = "config.json"
 CELLS_FILE = "cells.jsonl"
@@ -57,7 +57,7 @@ class ResultStore:
                     "choose another output directory to start a new run"
                 )
         else:
-            _atomic_write_text(config_path, json.dumps(self.config, indent=2) + "\n")
+            atomic_write_text(config_path, json.dumps(self.config, indent=2) + "\n")
         self.cells: list[dict[str, Any]] = self._read_cells()
         self._done = {(c["method"], c["sample"]) for c in self.cells}
 
@@ -76,7 +76,7 @@ class ResultStore:
                 kept.append(line)
             except json.JSONDecodeError:
                 if number == len(lines) - 1:  # the last line, cut short by an interruption: drop it
-                    _atomic_write_text(path, "".join(k + "\n" for k in kept))
+                    atomic_write_text(path, "".join(k + "\n" for k in kept))
                     break
                 raise ValueError(f"{path}, line {number + 1}, is not valid JSON: the file is damaged") from None
         return cells
@@ -99,5 +99,5 @@ class ResultStore:
     def write_results(self, summary: dict[str, Any]) -> Path:
         path = self.dir / RESULTS_FILE
         payload = {"config": self.config, "summary": summary, "cells": self.cells}
-        _atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
         return path

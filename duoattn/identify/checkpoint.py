@@ -8,8 +8,6 @@ checkpoint or the new one, never a mix. Every file is written to a temporary nam
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
+from ..io import atomic_write_bytes
+
 STATE_FILE = "state.json"
 GATES_KEY = "gates"
 OPTIM_PREFIX = "optimizer."
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

@@ -37,7 +37,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..kernels.attention import causal_attention, streaming_attention
-from ..models import attention_modules, check_supported, sliding_windows
+from ..models import attention_modules, check_supported
 from ..patch import HANDLE_ATTR, duo_mask
 
 GATED_ATTN = "duoattn_gated"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,14 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .checkpoint import atomic_write_bytes  # noqa: E402
+from ..io import save_figure  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        save_figure(fig, path, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def plot_gates(gates: np.ndarray, path: Path, title: str) -> None:

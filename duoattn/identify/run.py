@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .. import __version__
 from ..data.haystack import load_essays, load_text_files
 from ..data.passkeys import PasskeyDataset
+from ..io import atomic_write_bytes
 from ..models import EMBEDDED_NAME, check_supported, load_model
 from ..pattern import HeadPattern
-from .checkpoint import atomic_write_bytes
 from .plots import plot_gates, plot_history
 from .train import IdentifyConfig, train_gates
 

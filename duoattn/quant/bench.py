@@ -25,22 +25,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
 
+from ..bench.shapes import SHAPES, build_random_model  # noqa: E402
+from ..io import save_figure, write_json  # noqa: E402
 from ..patch import DuoAttentionHandle, cache_kwarg, duo_attention  # noqa: E402
 from ..pattern import HeadPattern  # noqa: E402
 from .kv import KV_BITS  # noqa: E402
-from .outputs import save_figure, write_json  # noqa: E402
 from .weights import WEIGHT_BITS, quantize_linear_weights  # noqa: E402
-
-SHAPES: dict[str, dict] = {
-    # Llama-3-8B: 32 layers, 32 query / 8 KV heads, head_dim 128, vocab 128256
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    # for tests on the CPU
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=101),
-}
 
 
 @dataclass
@@ -87,19 +79,10 @@ class QuantBenchConfig:
         return [(r, b) for r in self.retrieval for b in self.kv_bits if r < 1.0 or b == 16]
 
 
-def build_model(shape: str, device: torch.device, seed: int) -> LlamaForCausalLM:
+def build_model(shape: str, device: torch.device, seed: int) -> PreTrainedModel:
     """A randomly initialised Llama of the given shape, bfloat16 on CUDA, float32 on the CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 24, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return build_random_model(shape, device, dtype, seed)
 
 
 def _sync(device: torch.device) -> None:
