@@ -211,6 +211,9 @@ def run_quant_bench(args: argparse.Namespace) -> None:
 
     if len(args.shapes) != 1:
         raise ValueError(f"--kv-bits / --weight-bits take one shape, got --shapes {','.join(args.shapes)}")
+    if args.model is not None or args.prefill_contexts or args.stock_contexts or args.max_context_ratios:
+        raise ValueError("--kv-bits / --weight-bits measure capacity and decode on one --shapes model; they take no "
+                         "--model, --prefill-contexts, --stock-contexts or --max-context-ratios")
     run(
         QuantBenchConfig(
             out=args.out or "runs/bench-quant",

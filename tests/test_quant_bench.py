@@ -41,3 +41,5 @@ def test_quant_bench_refuses_bad_settings(tmp_path, capsys):
     assert "kv_bits must be some of (16, 8, 4)" in capsys.readouterr().err
     assert main(["bench", "--shapes", "tiny,llama-3-8b", "--weight-bits", "8"]) == 2
     assert "take one shape" in capsys.readouterr().err
+    assert main(["bench", "--model", "x", "--kv-bits", "4"]) == 2
+    assert "take no --model" in capsys.readouterr().err
