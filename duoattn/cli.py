@@ -54,7 +54,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, run_demo as demo
+    from .demo import DemoConfig
+    from .demo import run_demo as demo
 
     demo(
         DemoConfig(
@@ -137,7 +138,8 @@ def _eval_task(args: argparse.Namespace) -> Task:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .eval.harness import EvalConfig, run_eval as evaluate
+    from .eval.harness import EvalConfig
+    from .eval.harness import run_eval as evaluate
 
     config = EvalConfig(
         out_dir=args.out,
@@ -207,7 +209,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def run_quant_bench(args: argparse.Namespace) -> None:
-    from .quant.bench import QuantBenchConfig, run_quant_bench as run
+    from .quant.bench import QuantBenchConfig
+    from .quant.bench import run_quant_bench as run
 
     if len(args.shapes) != 1:
         raise ValueError(f"--kv-bits / --weight-bits take one shape, got --shapes {','.join(args.shapes)}")
@@ -236,7 +239,8 @@ def run_quant_bench(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from .bench import BenchConfig, run_bench as bench
+    from .bench import BenchConfig
+    from .bench import run_bench as bench
 
     if args.kv_bits is not None or args.weight_bits is not None:
         run_quant_bench(args)

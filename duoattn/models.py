@@ -157,6 +157,11 @@ def text_config(model: nn.Module) -> PretrainedConfig:
     return model.config.get_text_config(decoder=True)
 
 
+def head_dim(cfg: PretrainedConfig) -> int:
+    """Channels per attention head: the config's ``head_dim`` where it sets one, else hidden size / query heads."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def check_supported(model: nn.Module) -> PretrainedConfig:
     """Return the decoder config, or raise a clear error for an architecture DuoAttention does not support."""
     config = getattr(model, "config", None)

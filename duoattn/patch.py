@@ -32,9 +32,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import DuoCache, DuoStates
+from .checks import check_int
 from .kernels.attention import causal_attention, dense_attention, streaming_attention
 from .kernels.tiled import quantized_attention
 from .models import attention_modules, check_supported, sliding_windows, text_config
+from .models import head_dim as model_head_dim
 from .pattern import HeadPattern
 from .quant.cache import QuantizedDuoLayer
 from .quant.kv import KV_BITS, KVQuantConfig, QuantizedKV
@@ -278,7 +280,7 @@ class DuoAttentionHandle:
         """
         dtype = dtype or self.model.dtype
         elem = torch.empty((), dtype=dtype).element_size()
-        head_dim = _head_dim(self.model)
+        head_dim = model_head_dim(text_config(self.model))
         stream_vec = head_dim * elem
         full_vec = stream_vec if self.kv_quant is None else self.kv_quant.bytes_per_vector(head_dim, elem)
         duo = self.roles[self.duo_layers]
@@ -287,17 +289,6 @@ class DuoAttentionHandle:
         tokens = n_str * min(seq_len, self.sink + self.recent)
         tokens += sum(self.roles.shape[1] * min(seq_len, w - 1) for w in self.sliding_windows if w is not None)
         return batch_size * (n_ret * seq_len * full_vec + tokens * stream_vec) * 2
-
-
-def _head_dim(model: nn.Module) -> int:
-    cfg = text_config(model)
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def _check_positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def enable_duo_attention(
@@ -339,11 +330,11 @@ def enable_duo_attention(
         )
     windows = sliding_windows(cfg)
     roles = pattern.binarize(sparsity=sparsity, layers=np.array([w is None for w in windows]))
-    sink = _check_positive_int("sink", pattern.sink if sink is None else sink, 0)
-    recent = _check_positive_int("recent", pattern.recent if recent is None else recent, 1)
+    sink = check_int("sink", pattern.sink if sink is None else sink, 0)
+    recent = check_int("recent", pattern.recent if recent is None else recent, 1)
     if prefill_chunk_size is not None:
-        prefill_chunk_size = _check_positive_int("prefill_chunk_size", prefill_chunk_size, 1)
-    kv_quant = _kv_quant_config(kv_bits, kv_group_size, _head_dim(model))
+        prefill_chunk_size = check_int("prefill_chunk_size", prefill_chunk_size, 1)
+    kv_quant = _kv_quant_config(kv_bits, kv_group_size, model_head_dim(text_config(model)))
 
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     layer_roles: list[LayerRoles | None] = []

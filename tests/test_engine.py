@@ -6,31 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, dense_reference_forward, tiny_llama
-from conftest import reference_logits as family_reference_logits
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from conftest import FAMILIES, reference_logits, tiny_llama
 
 from duoattn import HeadPattern, duo_attention
 from duoattn.engine import DecodeRunner, HeadOrder, StaticDuoCache, fast_duo_attention, permute_heads, prefill
 from duoattn.engine.enable import enable_fast_duo
 from duoattn.engine.plan import ChunkPlan
 from duoattn.kernels.dispatch import KernelChoice
-from duoattn.patch import ATTN_NAME, ROLES_ATTR, duo_mask
+from duoattn.patch import ROLES_ATTR
 
 MIXED = np.array([[1.0, 0.0], [0.0, 0.0], [0.2, 0.9]])  # mixed, all streaming, mixed with retrieval second
-
-
-def reference_logits(model, pattern, ids, **kwargs):
-    """Logits of the whole sequence with explicit per-head masks (no cache): the oracle."""
-    AttentionInterface.register("duoref", dense_reference_forward)
-    AttentionMaskInterface.register("duoref", duo_mask)
-    with duo_attention(model, pattern, **kwargs):
-        model.set_attn_implementation("duoref")
-        try:
-            return model(ids, use_cache=False).logits
-        finally:
-            model.set_attn_implementation(ATTN_NAME)
 
 
 def ids_of(length, seed=1, vocab=97):
@@ -210,7 +195,7 @@ def test_engine_matches_dense_reference_in_every_family(family):
     model = FAMILIES[family].build(num_layers=3, heads=4, kv_heads=2)
     ids = ids_of(60, seed=5)
     pattern = HeadPattern(np.random.default_rng(1).random((3, 2)), sink=2, recent=6)
-    expected = family_reference_logits(model, pattern, ids, sparsity=0.5)
+    expected = reference_logits(model, pattern, ids, sparsity=0.5)
     with fast_duo_attention(model, pattern, sparsity=0.5) as engine:
         cache = engine.new_cache(max_len=64)
         last = prefill(model, cache, ids[:, :40], 16)

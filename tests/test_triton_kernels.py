@@ -19,7 +19,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)",
                 allow_module_level=True)
 
-from conftest import dense_reference_forward, tiny_llama  # noqa: E402
+from conftest import dense_reference_forward  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 

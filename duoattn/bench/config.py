@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..checks import check_int
 from ..engine.compile import COMPILE_MODES
 from ..kernels.dispatch import DECODE_KERNELS, STREAMING_PREFILL_KERNELS
 from .shapes import SHAPES
@@ -82,9 +83,7 @@ class BenchConfig:
         _positive_ints("prefill_contexts", self.prefill_contexts)
         _positive_ints("stock_contexts", self.stock_contexts)
         for name, low in (("prefill_chunk", 2), ("steps", 1), ("warmup", 0), ("sink", 0), ("recent", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         if self.decode_fill not in ("random", "prefill"):
             raise ValueError(f"decode_fill must be 'random' or 'prefill', got {self.decode_fill!r}")
         if self.decode_kernel not in DECODE_KERNELS:

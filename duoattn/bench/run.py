@@ -16,6 +16,7 @@ from ..engine.cache import StaticDuoCache
 from ..engine.runner import _forward
 from ..kernels.dispatch import KernelChoice
 from ..models import default_device, load_model, text_config
+from ..models import head_dim as model_head_dim
 from ..patch import cache_kwarg
 from ..pattern import HeadPattern
 from .config import BenchConfig, Row
@@ -140,7 +141,7 @@ class Bench:
         c = self.config
         row = Row("decode", "stock", self.shape, 1.0, context, fill="random")
         cfg = text_config(self.model)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = model_head_dim(cfg)
         cache = None
         release(self.device)
         reset_peak(self.device)

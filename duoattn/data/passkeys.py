@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import check_int
 from .haystack import split_sentences
 
 NATO_WORDS = (
@@ -62,9 +63,7 @@ class PasskeyConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_passkeys", "passkey_words", "min_len", "max_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if self.min_len > self.max_len:
             raise ValueError(f"min_len ({self.min_len}) must not exceed max_len ({self.max_len})")
         if not 0.0 <= self.min_depth <= self.max_depth <= 1.0:

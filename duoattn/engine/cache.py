@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..checks import check_int
 from ..kernels import dispatch
 from .plan import ChunkPlan, prefix_length
 
@@ -245,8 +246,7 @@ class StaticDuoCache(Cache):
         for name, value, low in (("batch_size", batch_size, 1), ("max_len", max_len, 1), ("sink", sink, 0),
                                  ("recent", recent, 1), ("head_dim", head_dim, 1), ("num_kv_heads", num_kv_heads, 1),
                                  ("num_groups", num_groups, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         device = torch.device(device)
         kernels = (kernels or dispatch.KernelChoice()).resolve(device, head_dim)
         self.state = CacheState(batch_size, max_len, num_kv_heads, num_groups, head_dim, sink, recent, dtype, device,

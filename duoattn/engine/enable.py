@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from ..checks import check_int
 from ..kernels.dispatch import KernelChoice
 from ..models import attention_modules, check_supported, sliding_windows, text_config
+from ..models import head_dim as model_head_dim
 from ..patch import HANDLE_ATTR, ROLES_ATTR
 from ..pattern import HeadPattern
 from ..roles import LayerRoles
@@ -54,8 +56,7 @@ class FastDuo:
     def geometry(self) -> tuple[int, int, int]:
         """``(num_kv_heads, num_groups, head_dim)`` of the model."""
         cfg = text_config(self.model)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, head_dim
+        return cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, model_head_dim(cfg)
 
     def new_cache(
         self, max_len: int, batch_size: int = 1, kernels: KernelChoice | None = None, dtype: torch.dtype | None = None
@@ -67,12 +68,6 @@ class FastDuo:
             self.order.num_retrieval, batch_size, max_len, hkv, groups, head_dim, self.sink, self.recent,
             dtype=dtype or param.dtype, device=param.device, kernels=kernels,
         )
-
-
-def _positive_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def enable_fast_duo(
@@ -104,8 +99,8 @@ def enable_fast_duo(
             f"the fast engine does not support {what} ({cfg.model_type}); use duo_attention(...), which does"
         )
     roles = pattern.binarize(sparsity=sparsity)
-    sink = _positive_int("sink", pattern.sink if sink is None else sink, 0)
-    recent = _positive_int("recent", pattern.recent if recent is None else recent, 1)
+    sink = check_int("sink", pattern.sink if sink is None else sink, 0)
+    recent = check_int("recent", pattern.recent if recent is None else recent, 1)
     order = HeadOrder.retrieval_first(roles)
     modules = attention_modules(model)
     groups = cfg.num_attention_heads // cfg.num_key_value_heads

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..models import attention_modules, text_config
+from ..models import head_dim as model_head_dim
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def permute_heads(model: nn.Module, order: HeadOrder) -> None:
     if len(order.perms) != len(modules):
         raise ValueError(f"head order has {len(order.perms)} layers, the model {len(modules)}")
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = model_head_dim(cfg)
     for idx, (module, perm) in enumerate(zip(modules, order.perms)):
         if len(perm) != cfg.num_key_value_heads:
             raise ValueError(f"layer {idx}: permutation of {len(perm)} heads, the model has {cfg.num_key_value_heads}")

@@ -72,6 +72,8 @@ class GateSet:
         self.windows = list(windows) if windows is not None else [None] * gates.shape[0]
         if len(self.windows) != gates.shape[0]:
             raise ValueError(f"{len(self.windows)} layer windows for {gates.shape[0]} layers of gates")
+        # bool [num_layers]: the layers whose heads are gated (every layer but the local ones)
+        self.gated_layers = torch.tensor([w is None for w in self.windows], device=gates.device)
         self.student = False
         self.start = 0
         self.clear()
@@ -79,10 +81,6 @@ class GateSet:
     def query_gates(self, layer: int) -> torch.Tensor:
         """``[Hq, 1]``: the gate of each query head of ``layer`` (that of its KV head)."""
         return self.gates[layer].repeat_interleave(self.group)[:, None]
-
-    def gated_layers(self) -> torch.Tensor:
-        """bool ``[num_layers]``: the layers whose heads are gated (every layer but the local ones)."""
-        return torch.tensor([w is None for w in self.windows], device=self.gates.device)
 
     def clear(self) -> None:
         num_layers = self.gates.shape[0]

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from ..checks import check_int
 from ..data.passkeys import PasskeyConfig
 from ..models import sliding_windows, text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
@@ -78,9 +79,7 @@ class IdentifyConfig:
             raise ValueError("out must name an output directory")
         self.haystack = tuple(str(p) for p in self.haystack)
         for name, minimum in (("steps", 1), ("sink", 0), ("recent", 1), ("save_every", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            check_int(name, getattr(self, name), minimum)
         for name in ("lr", "reg"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -132,7 +131,7 @@ def _step(
     target = teacher_forward(model, gate_set, ids)[0, positions].float()
     hidden = student_forward(model, gate_set, ids, start)[0, positions - start].float()
     distill = (hidden - target).pow(2).mean()
-    penalty = gate_set.gates[gate_set.gated_layers()].abs().mean()
+    penalty = gate_set.gates[gate_set.gated_layers].abs().mean()
     loss = distill + reg * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -167,7 +166,7 @@ def train_gates(
     model.eval()
     model.requires_grad_(False)  # only the gates get gradients
     gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent, sliding_windows(cfg))
-    gated = gate_set.gated_layers()
+    gated = gate_set.gated_layers
     bar = tqdm(total=config.steps, initial=start, desc="identify", unit="step", disable=not progress)
     try:
         with gated_attention(model, gate_set):

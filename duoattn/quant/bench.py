@@ -29,6 +29,7 @@ from transformers import PreTrainedModel  # noqa: E402
 
 from ..bench.shapes import SHAPES, build_random_model  # noqa: E402
 from ..io import save_figure, write_json  # noqa: E402
+from ..models import head_dim as model_head_dim  # noqa: E402
 from ..patch import DuoAttentionHandle, cache_kwarg, duo_attention  # noqa: E402
 from ..pattern import HeadPattern  # noqa: E402
 from .kv import KV_BITS  # noqa: E402
@@ -103,7 +104,7 @@ def _filled_cache(model, handle: DuoAttentionHandle, length: int, extra: int, ch
     """A cache preallocated for ``length + extra`` tokens, holding ``length`` random ones."""
     cache = handle.new_cache(max_cache_len=length + extra)
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = model_head_dim(cfg)
     piece = torch.randn(1, cfg.num_key_value_heads, min(chunk, length), head_dim, dtype=model.dtype,
                         device=model.device)
     for start in range(0, length, chunk):
