@@ -12,7 +12,7 @@ tokens. The split is real: streaming-head memory is never allocated.
 
 from .cache import DuoCache, DuoLayer
 from .models import load_model
-from .patch import DuoAttentionHandle, disable_duo_attention, duo_attention, enable_duo_attention
+from .deploy import DuoAttentionHandle, disable_duo_attention, duo_attention, enable_duo_attention
 from .pattern import HeadPattern
 
 __version__ = "0.1.0"

@@ -1,15 +1,21 @@
-"""The DuoAttention KV cache: full history for retrieval heads, sink + recent tokens for streaming heads.
+"""The split KV cache: one preallocated, graph-safe cache for every DuoAttention deployment.
 
-Built on transformers' cache seam: :class:`DuoLayer` is a ``CacheLayerMixin`` and :class:`DuoCache` a ``Cache``,
-so ``model.generate`` and ``model(...)`` drive it like any other cache. Streaming memory is never allocated beyond
-``min(T, sink + recent)`` tokens per head (plus the chunk in flight during a prefill step).
+Per DuoAttention layer (heads reordered retrieval-first by :mod:`duoattn.reorder`):
 
-Streaming storage layout, per layer ``[B, n_streaming, min(T, sink + recent), D]``: slot ``p`` holds position ``p``
-for ``p < sink``; position ``p >= sink`` lives in slot ``sink + (p - sink) % recent`` (a ring). While
-``T <= sink + recent`` this means slot = position, so the buffer simply grows until it is full, then wraps.
+* retrieval KV heads keep ``[B, n_ret, max_len, D]``, in the model dtype or quantised (int8 / int4 codes with
+  scales and zero points, :mod:`duoattn.quant.kv`);
+* streaming KV heads keep a sink + recent ring ``[B, n_str, sink + recent, D]`` in the model dtype (slots:
+  :func:`duoattn.layout.ring_slot`). Their middle tokens are never stored: that memory is never allocated.
 
-``DuoLayer.update`` returns :class:`DuoStates` instead of plain tensors: the registered DuoAttention function
-(``duoattn.patch``) knows how to attend over them. Model code only passes them through.
+Storage is allocated at the first token (batch size from the keys, length from ``max_len``, the size of the
+request) and written in place afterwards: decoding copies nothing that grows with the context.
+
+The cache shares one clock, a 0-d int64 tensor on the device holding the number of stored tokens. The first
+DuoAttention layer advances it when new tokens arrive and every layer writes at ``clock - C .. clock - 1``. Decode
+steps never read it on the host, so a CUDA graph captured once replays correctly as the sequence grows; a prefill
+chunk is planned on the host (:class:`duoattn.layout.ChunkPlan`) from a host-side count kept beside the clock.
+
+Local sliding-window layers (Gemma 2 / 3, Qwen's ``use_sliding_window``) keep transformers' own cache layers.
 """
 
 from __future__ import annotations
@@ -21,34 +27,32 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from .quant.kv import QuantizedKV
+from .checks import check_int
+from .kernels import dispatch
+from .layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes
+from .quant.kv import KVQuantConfig, QuantizedKV, quantize
 from .roles import LayerRoles
+
+Stored = torch.Tensor | QuantizedKV
 
 
 @dataclass
 class DuoStates:
-    """Keys (or values) one attention call needs, split by head role.
+    """What :meth:`DuoLayer.update` hands to the attention function: the layer itself, and the plan of the chunk
+    being prefilled (None while decoding one token per sequence)."""
 
-    Attributes:
-        full: ``[B, n_retrieval, T, D]`` positions ``0..T-1``; the queries are the last C of them. None if no
-            retrieval head; a ``QuantizedKV`` if the layer stores them quantised.
-        sink: ``[B, n_streaming, S, D]`` streaming keys at positions ``0..S-1``. When ``run`` is None (decoding one
-            token) it instead holds exactly the keys the query sees, in any order.
-        run: ``[B, n_streaming, R, D]`` consecutive positions ``run_start..`` ending at the last query.
-    """
-
-    full: torch.Tensor | QuantizedKV | None
-    sink: torch.Tensor | None
-    run: torch.Tensor | None
-    run_start: int
+    layer: DuoLayer
+    plan: ChunkPlan | None
 
 
-def _take_heads(x: torch.Tensor, index: torch.Tensor, every: bool) -> torch.Tensor:
-    return x if every else x.index_select(1, index)
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+def _nbytes(*stored: Stored | None) -> int:
+    total = 0
+    for s in stored:
+        if isinstance(s, QuantizedKV):
+            total += s.nbytes()
+        elif s is not None:
+            total += s.numel() * s.element_size()
+    return total
 
 
 def cache_kv_bytes(cache: Cache) -> int:
@@ -62,174 +66,193 @@ def cache_kv_bytes(cache: Cache) -> int:
     return total
 
 
+class CacheState:
+    """What every layer of a :class:`DuoCache` shares: geometry, the clock, kernel choice and workspaces."""
+
+    def __init__(self, max_len: int, sink: int, recent: int, kernels: dispatch.KernelChoice,
+                 kv_quant: KVQuantConfig | None, first_layer: int, softcap: bool = False):
+        self.softcap = softcap
+        self.max_len, self.sink, self.recent, self.capacity = max_len, sink, recent, sink + recent
+        self.kernels_requested, self.kv_quant, self.first_layer = kernels, kv_quant, first_layer
+        self.kernels: dispatch.KernelChoice | None = None
+        self.batch_size = 0
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+        self.clock: torch.Tensor | None = None
+        self.length = 0  # host-side count; the graph runner advances it on replays
+        self.plan: ChunkPlan | None = None
+        self.workspace = dispatch.Workspace()
+
+    def allocate(self, key_states: torch.Tensor, head_dim: int) -> None:
+        self.batch_size, self.dtype, self.device = key_states.shape[0], key_states.dtype, key_states.device
+        self.kernels = self.kernels_requested.resolve(self.device, head_dim, softcap=self.softcap,
+                                                      quantized=self.kv_quant is not None)
+        self.clock = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    @property
+    def allocated(self) -> bool:
+        return self.clock is not None
+
+
 class DuoLayer(CacheLayerMixin):
-    """One layer's cache with per-head roles.
+    """One DuoAttention layer of a :class:`DuoCache`: ``n_ret`` retrieval KV heads (first), ``n_str`` streaming."""
 
-    Args:
-        roles: the layer's head roles and streaming window.
-        max_cache_len: if given, the retrieval cache is preallocated to this many tokens (decoding then writes in
-            place and allocates nothing); otherwise it grows by concatenation and holds exactly ``T`` tokens.
-    """
-
+    is_compileable = True  # decode steps are graph-safe; generate() then hands them to duoattn's graph runner
     is_sliding = False
-    is_compileable = False
-    is_croppable = False
 
-    def __init__(self, roles: LayerRoles, max_cache_len: int | None = None):
+    def __init__(self, state: CacheState, layer_idx: int, roles: LayerRoles):
         super().__init__()
-        self.roles = roles
-        self.max_cache_len = max_cache_len
-        self.seen = 0
-        self.full_keys: torch.Tensor | None = None
-        self.full_values: torch.Tensor | None = None
-        self.stream_keys: torch.Tensor | None = None
-        self.stream_values: torch.Tensor | None = None
+        self.state, self.layer_idx, self.roles = state, layer_idx, roles
+        self.n_ret, self.n_str = roles.num_retrieval, roles.num_streaming
+        self.full_k: Stored | None = None
+        self.full_v: Stored | None = None
+        self.ring_k: torch.Tensor | None = None
+        self.ring_v: torch.Tensor | None = None
+        self.splits = 1
 
+    # -------------------------------------------------------------------------------------------- allocation
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
+        s = self.state
+        bsz, hkv, _, d = key_states.shape
+        if hkv != self.roles.num_kv_heads:
+            raise ValueError(f"layer {self.layer_idx}: the cache expects {self.roles.num_kv_heads} KV heads, got keys "
+                             f"of shape {tuple(key_states.shape)}")
+        if not s.allocated:
+            s.allocate(key_states, d)
+        elif bsz != s.batch_size:
+            raise ValueError(f"layer {self.layer_idx}: the cache holds batch {s.batch_size}, got {bsz}")
+        kw = dict(dtype=s.dtype, device=s.device)
+        if self.n_ret:
+            lead = (bsz, self.n_ret)
+            if s.kv_quant is None:
+                # Zeroed: the CPU decode path may read whole buffers under a mask, and 0 * NaN = NaN.
+                self.full_k = torch.zeros(*lead, s.max_len, d, **kw)
+                self.full_v = torch.zeros(*lead, s.max_len, d, **kw)
+            else:
+                self.full_k = QuantizedKV.zeros(lead, s.max_len, d, s.kv_quant, s.dtype, s.device)
+                self.full_v = QuantizedKV.zeros(lead, s.max_len, d, s.kv_quant, s.dtype, s.device)
+        if self.n_str:
+            self.ring_k = torch.zeros(bsz, self.n_str, s.capacity, d, **kw)
+            self.ring_v = torch.zeros(bsz, self.n_str, s.capacity, d, **kw)
+        self.splits = dispatch.decode_splits(s.kernels, bsz, self.n_ret, s.max_len)
+        s.workspace.reserve_decode(bsz, self.n_ret * self.roles.num_groups, self.splits,
+                                   self.roles.num_kv_heads * self.roles.num_groups, d, s.dtype, s.device)
+        self.device, self.dtype = s.device, s.dtype
         self.is_initialized = True
 
     # ------------------------------------------------------------------------------------------------ update
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[DuoStates, DuoStates]:
-        """Store a chunk ``[B, Hkv, C, D]`` at positions ``seen..seen+C-1``; return what attention needs."""
+        """Store ``[B, Hkv, C, D]`` new keys and values; return what the attention function needs."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        r = self.roles
-        t0, t1 = self.seen, self.seen + key_states.shape[-2]
-        full_k = full_v = sink_k = sink_v = run_k = run_v = None
-        run_start = 0
-        if r.num_retrieval:
-            full_k, full_v = self._append_full(
-                _take_heads(key_states, r.kv_retrieval, r.all_retrieval),
-                _take_heads(value_states, r.kv_retrieval, r.all_retrieval),
-                t0,
-                t1,
+        s = self.state
+        c = key_states.shape[-2]
+        if self.layer_idx == s.first_layer:
+            self._advance(c)
+        if c == 1:
+            dispatch.append_token(s.kernels, key_states, value_states, self.full_k, self.full_v, self.ring_k,
+                                  self.ring_v, s.clock, s.sink, s.recent)
+            states = DuoStates(self, None)
+        else:
+            if s.plan is None or s.plan.size != c:
+                raise RuntimeError(f"a prefill chunk reached layer {self.layer_idx} before it was planned")
+            self._store_chunk(key_states, value_states, s.plan)
+            states = DuoStates(self, s.plan)
+        return states, states
+
+    def _advance(self, c: int) -> None:
+        s = self.state
+        start = s.length
+        if start + c > s.max_len:
+            raise ValueError(
+                f"the DuoAttention cache was sized for {s.max_len} tokens; {start} stored + {c} new would not fit "
+                "(pass a larger max_new_tokens to generate, or a cache from handle.new_cache(max_len=...))"
             )
-        if r.num_streaming:
-            k = _take_heads(key_states, r.kv_streaming, r.all_streaming)
-            v = _take_heads(value_states, r.kv_streaming, r.all_streaming)
-            sink_k, sink_v, run_k, run_v, run_start = self._update_streaming(k, v, t0, t1)
-        self.seen = t1
-        return DuoStates(full_k, sink_k, run_k, run_start), DuoStates(full_v, sink_v, run_v, run_start)
+        s.plan = None if c == 1 else ChunkPlan.build(start, c, s.sink, s.recent)
+        s.length = start + c
+        s.clock.add_(c)
 
-    def _append_full(
-        self, k: torch.Tensor, v: torch.Tensor, t0: int, t1: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.max_cache_len is None:
-            if self.full_keys is None:
-                self.full_keys, self.full_values = k.contiguous(), v.contiguous()
+    def _store_chunk(self, k: torch.Tensor, v: torch.Tensor, plan: ChunkPlan) -> None:
+        """Retrieval heads: write in place. Streaming heads: fill the scratch (old ring, then the chunk), then keep
+        the chunk's sink and most recent tokens in the ring."""
+        if self.n_ret:
+            kr, vr = k[:, : self.n_ret], v[:, : self.n_ret]
+            if isinstance(self.full_k, QuantizedKV):
+                q = self.state.kv_quant
+                self.full_k.write(plan.start, quantize(kr, q))
+                self.full_v.write(plan.start, quantize(vr, q))
             else:
-                self.full_keys = torch.cat([self.full_keys, k], dim=-2)
-                self.full_values = torch.cat([self.full_values, v], dim=-2)
-            return self.full_keys, self.full_values
-        if t1 > self.max_cache_len:
-            raise ValueError(f"the cache was preallocated for max_cache_len={self.max_cache_len} tokens; got {t1}")
-        if self.full_keys is None:
-            shape = (k.shape[0], k.shape[1], self.max_cache_len, k.shape[3])
-            self.full_keys = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.full_values = torch.empty(shape, dtype=v.dtype, device=v.device)
-        self.full_keys[:, :, t0:t1].copy_(k)
-        self.full_values[:, :, t0:t1].copy_(v)
-        return self.full_keys[:, :, :t1], self.full_values[:, :, :t1]
-
-    def _update_streaming(self, k: torch.Tensor, v: torch.Tensor, t0: int, t1: int):
-        sink, recent = self.roles.sink, self.roles.recent
-        self._grow_streaming(k, min(t1, sink + recent))
-        if t1 - t0 == 1:
-            # Decoding: after the write the buffer holds exactly the keys this query sees.
-            self._write(k, v, t0, t1)
-            n = min(t1, sink + recent)
-            return self.stream_keys[:, :, :n], self.stream_values[:, :, :n], None, None, 0
-        # A chunk: its queries need the recent past in position order, followed by the chunk itself.
-        old_k, old_v, run_start = self._ring_in_order(t0)
-        run_k = torch.cat([old_k, k], dim=-2)
-        run_v = torch.cat([old_v, v], dim=-2)
-        self._write(k, v, t0, t1)
-        n_sink = min(t1, sink)
-        return self.stream_keys[:, :, :n_sink], self.stream_values[:, :, :n_sink], run_k, run_v, run_start
-
-    def _grow_streaming(self, like: torch.Tensor, capacity: int) -> None:
-        """Make room for ``capacity`` slots (only while the buffer is still filling: slot = position)."""
-        old = self.stream_keys
-        if old is not None and old.shape[-2] >= capacity:
+                self.full_k[:, :, plan.start : plan.end].copy_(kr)
+                self.full_v[:, :, plan.start : plan.end].copy_(vr)
+        if not self.n_str:
             return
-        shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
-        new_k = torch.empty(shape, dtype=like.dtype, device=like.device)
-        new_v = torch.empty(shape, dtype=like.dtype, device=like.device)
-        if old is not None:
-            new_k[:, :, : old.shape[-2]].copy_(old)
-            new_v[:, :, : old.shape[-2]].copy_(self.stream_values)
-        self.stream_keys, self.stream_values = new_k, new_v
+        ks, vs = k[:, self.n_ret :], v[:, self.n_ret :]
+        sk, sv = self.scratch(plan)
+        for dst, slot, n in plan.gather:
+            sk[:, :, dst : dst + n].copy_(self.ring_k[:, :, slot : slot + n])
+            sv[:, :, dst : dst + n].copy_(self.ring_v[:, :, slot : slot + n])
+        sk[:, :, plan.prefix :].copy_(ks)
+        sv[:, :, plan.prefix :].copy_(vs)
+        if plan.sink_visible > plan.start:  # the chunk's own sink tokens, also beside the stored ones
+            sk[:, :, plan.start : plan.sink_visible].copy_(ks[:, :, : plan.sink_visible - plan.start])
+            sv[:, :, plan.start : plan.sink_visible].copy_(vs[:, :, : plan.sink_visible - plan.start])
+        for off, slot, n in plan.keep:
+            self.ring_k[:, :, slot : slot + n].copy_(ks[:, :, off : off + n])
+            self.ring_v[:, :, slot : slot + n].copy_(vs[:, :, off : off + n])
 
-    def _ring_in_order(self, t0: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The stored positions ``[max(sink, t0 - recent), t0)`` in order, and the first of them."""
-        sink, recent = self.roles.sink, self.roles.recent
-        keys, values = self.stream_keys, self.stream_values
-        if t0 <= sink:
-            return keys[:, :, :0], values[:, :, :0], t0
-        start = max(sink, t0 - recent)
-        if t0 <= sink + recent:  # not wrapped yet: slot = position
-            return keys[:, :, start:t0], values[:, :, start:t0], start
-        split = sink + (t0 - sink) % recent  # slot of the oldest kept position
-        order_k = torch.cat([keys[:, :, split:], keys[:, :, sink:split]], dim=-2)
-        order_v = torch.cat([values[:, :, split:], values[:, :, sink:split]], dim=-2)
-        return order_k, order_v, start
+    def scratch(self, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's streaming scratch ``[B, n_str, prefix + C, D]`` for ``plan`` (shared by all layers)."""
+        s = self.state
+        return s.workspace.scratch(s.batch_size, self.n_str, plan.scratch_length, self.full_or_ring_dim(), s.dtype,
+                                   s.device)
 
-    def _write(self, k: torch.Tensor, v: torch.Tensor, t0: int, t1: int) -> None:
-        """Store the chunk's positions that are kept: those below ``sink`` and the last ``recent`` overall."""
-        sink, recent = self.roles.sink, self.roles.recent
-        if t0 < sink:
-            n = min(t1, sink) - t0
-            self.stream_keys[:, :, t0 : t0 + n].copy_(k[:, :, :n])
-            self.stream_values[:, :, t0 : t0 + n].copy_(v[:, :, :n])
-        first = max(sink, t1 - recent, t0)
-        if first >= t1:
-            return
-        k, v = k[:, :, first - t0 :], v[:, :, first - t0 :]
-        slot = sink + (first - sink) % recent
-        n1 = min(t1 - first, sink + recent - slot)  # the part before the ring wraps
-        self.stream_keys[:, :, slot : slot + n1].copy_(k[:, :, :n1])
-        self.stream_values[:, :, slot : slot + n1].copy_(v[:, :, :n1])
-        if n1 < t1 - first:
-            n2 = t1 - first - n1
-            self.stream_keys[:, :, sink : sink + n2].copy_(k[:, :, n1:])
-            self.stream_values[:, :, sink : sink + n2].copy_(v[:, :, n1:])
+    def full_or_ring_dim(self) -> int:
+        t = self.ring_k if self.ring_k is not None else self.full_k
+        return t.shape[-1] if isinstance(t, torch.Tensor) else t.head_dim
 
     # ------------------------------------------------------------------------------------ cache protocol
-    def get_seq_length(self) -> int:
-        return self.seen
+    def get_seq_length(self) -> torch.Tensor | int:
+        # A device tensor, as transformers' StaticLayer: position ids stay on the device inside a CUDA graph.
+        return self.state.clock if self.state.allocated else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        return self.state.max_len, 0
 
     def get_max_length(self) -> int:
-        return -1 if self.max_cache_len is None else self.max_cache_len
+        return self.state.max_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.state.max_len
 
     def kv_bytes(self) -> int:
-        """Bytes of key and value storage this layer holds (preallocated capacity included)."""
-        return _nbytes(self.full_keys, self.full_values, self.stream_keys, self.stream_values)
+        """Bytes of key and value storage this layer holds (its preallocated capacity)."""
+        return _nbytes(self.full_k, self.full_v, self.ring_k, self.ring_v)
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for name in ("full_keys", "full_values", "stream_keys", "stream_values"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
+    def _map_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every buffer in place (the buffers keep their storage: captured graphs stay valid)."""
+        for stored in (self.full_k, self.full_v, self.ring_k, self.ring_v):
+            parts = (stored.data, stored.scale, stored.zero) if isinstance(stored, QuantizedKV) else (stored,)
+            for t in parts:
+                if t is not None:
+                    t.copy_(fn(t))
 
     def reset(self) -> None:
-        self.full_keys = self.full_values = self.stream_keys = self.stream_values = None
-        self.seen = 0
-        self.is_initialized = False
+        if self.state.allocated:
+            self.state.clock.zero_()
+        self.state.length = 0
+        self.state.plan = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        if self.is_initialized:
+            self._map_(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
+        raise NotImplementedError("the DuoAttention cache keeps its batch size; start a new cache instead")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the DuoAttention cache keeps its batch size; start a new cache instead")
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
@@ -245,36 +268,114 @@ class DuoLayer(CacheLayerMixin):
 
 
 class DuoCache(Cache):
-    """A cache with a :class:`DuoLayer` for every DuoAttention layer.
+    """The split cache of a model with DuoAttention enabled; build it with ``handle.new_cache(max_len)``.
 
     Args:
-        layer_roles: one entry per decoder layer; None keeps transformers' default cache layer for that layer (for
-            example the local sliding-window layers of Gemma).
-        config: the model config, used to build the default layers (sliding windows included).
-        max_cache_len: preallocate retrieval caches to this many tokens (see :class:`DuoLayer`).
-        layer_factory: builds each DuoAttention layer as ``layer_factory(roles, max_cache_len=...)``; default
-            :class:`DuoLayer` (``duoattn.quant.cache.QuantizedDuoLayer`` stores retrieval heads quantised).
+        layer_roles: one entry per decoder layer; None keeps transformers' default cache layer for that layer (the
+            local sliding-window layers of Gemma, for example).
+        max_len: tokens per sequence the cache holds (prompt + generated).
+        config: the model config, for the default layers.
+        kv_quant: store the retrieval heads quantised (None: the model dtype).
+        kernels: kernel choice (default: the fastest available on the keys' device).
+        softcap: the model soft-caps attention scores (Gemma 2): kernels that cannot are not chosen.
     """
 
     def __init__(
         self,
         layer_roles: Sequence[LayerRoles | None],
+        max_len: int,
         config: PretrainedConfig | None = None,
-        max_cache_len: int | None = None,
-        layer_factory: Callable[..., DuoLayer] | None = None,
+        kv_quant: KVQuantConfig | None = None,
+        kernels: dispatch.KernelChoice | None = None,
+        softcap: bool = False,
     ):
-        if config is not None:
+        check_int("max_len", max_len, 1)
+        duo = [i for i, r in enumerate(layer_roles) if r is not None]
+        if not duo:
+            raise ValueError("a DuoCache needs at least one DuoAttention layer")
+        first = next(r for r in layer_roles if r is not None)
+        self.state = CacheState(max_len, first.sink, first.recent, kernels or dispatch.KernelChoice(), kv_quant,
+                                duo[0], softcap)
+        if config is not None and any(r is None for r in layer_roles):
             layers = list(DynamicCache(config=config).layers)
             if len(layers) != len(layer_roles):
                 raise ValueError(f"config has {len(layers)} layers, layer_roles has {len(layer_roles)}")
         else:
             layers = [DynamicLayer() for _ in layer_roles]
-        make = layer_factory or DuoLayer
         for idx, roles in enumerate(layer_roles):
             if roles is not None:
-                layers[idx] = make(roles, max_cache_len=max_cache_len)
+                layers[idx] = DuoLayer(self.state, idx, roles)
         super().__init__(layers=layers)
 
+    @property
+    def max_len(self) -> int:
+        return self.state.max_len
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step of this cache can be captured in a CUDA graph (every layer is a DuoLayer and the
+        decode kernels read lengths from the device)."""
+        s = self.state
+        return (s.allocated and all(isinstance(layer, DuoLayer) for layer in self.layers)
+                and dispatch.graph_safe(s.kernels))
+
+    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor | int:
+        if all(isinstance(layer, DuoLayer) for layer in self.layers):
+            return self.layers[0].get_seq_length()
+        return self.state.length  # local layers keep host-side counts: so does the cache
+
+    def length(self) -> int:
+        """Tokens stored (host-side count, no synchronisation)."""
+        return self.state.length
+
     def kv_bytes(self) -> int:
-        """Bytes of key and value storage the cache holds, over all layers."""
+        """Bytes of key and value storage held, over all layers (preallocated capacity included)."""
         return cache_kv_bytes(self)
+
+    def kv_bytes_read(self, tokens: int) -> int:
+        """Bytes of keys and values one decode step reads once ``tokens`` tokens are stored."""
+        s = self.state
+        duo = [l for l in self.layers if isinstance(l, DuoLayer)]
+        elem = torch.empty((), dtype=s.dtype).element_size()
+        d = duo[0].full_or_ring_dim()
+        full_vec = None if s.kv_quant is None else s.kv_quant.bytes_per_vector(d, elem)
+        n_ret, n_str = sum(l.n_ret for l in duo), sum(l.n_str for l in duo)
+        return split_kv_bytes(n_ret, n_str, tokens, s.sink, s.recent, d, elem, full_vec, s.batch_size)
+
+    def fill_random(self, tokens: int, generator: torch.Generator | None = None, std: float = 1.0) -> None:
+        """Declare ``tokens`` positions stored with random keys and values (standard normal times ``std``): a
+        stand-in for a prefill when only decode speed matters. The cache must be allocated (one forward first)."""
+        s = self.state
+        if not s.allocated:
+            raise RuntimeError("the cache is allocated at its first token: run one forward pass first")
+        if not 0 <= tokens <= s.max_len:
+            raise ValueError(f"tokens must be in [0, {s.max_len}], got {tokens}")
+        n_ring = min(tokens, s.capacity)
+        for layer in self.layers:
+            if not isinstance(layer, DuoLayer):
+                continue
+            for stored, n in ((layer.full_k, tokens), (layer.full_v, tokens), (layer.ring_k, n_ring),
+                              (layer.ring_v, n_ring)):
+                if stored is None or not n:
+                    continue
+                if isinstance(stored, QuantizedKV):
+                    vals = torch.empty(*stored.data.shape[:2], min(n, 1 << 16), stored.head_dim, dtype=s.dtype,
+                                       device=s.device)
+                    for start in range(0, n, vals.shape[-2]):  # in slices: no full-size float buffer
+                        part = vals[..., : min(vals.shape[-2], n - start), :].normal_(0.0, std, generator=generator)
+                        stored.write(start, quantize(part, s.kv_quant))
+                else:
+                    stored[:, :, :n].normal_(0.0, std, generator=generator)
+        s.length, s.plan = tokens, None
+        s.clock.fill_(tokens)
+
+    def describe(self) -> dict[str, int | str]:
+        s = self.state
+        k = s.kernels or s.kernels_requested
+        return {"max_len": s.max_len, "batch_size": s.batch_size, "sink": s.sink, "recent": s.recent,
+                "prefix": prefix_length(s.sink, s.recent), "decode_kernel": k.decode,
+                "streaming_prefill_kernel": k.streaming_prefill,
+                "kv_bits": 16 if s.kv_quant is None else s.kv_quant.bits}
+
+
+__all__ = ["CacheState", "DuoCache", "DuoLayer", "DuoStates", "cache_kv_bytes", "ring_slot"]

@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cache import cache_kv_bytes
-from ..patch import cache_kwarg
+from ..deploy import cache_kwarg
 
 
 @dataclass(frozen=True)

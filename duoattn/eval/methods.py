@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from ..models import text_config
-from ..patch import DuoAttentionHandle, duo_attention
+from ..deploy import DuoAttentionHandle, duo_attention
 from ..pattern import HeadPattern
 from ..quant.kv import KV_BITS
 

@@ -38,7 +38,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..kernels.attention import causal_attention, streaming_attention
 from ..models import attention_modules, check_supported
-from ..patch import HANDLE_ATTR, duo_mask
+from ..attention import duo_mask
+from ..deploy import HANDLE_ATTR
 
 GATED_ATTN = "duoattn_gated"
 GATE_ATTR = "duo_gate"

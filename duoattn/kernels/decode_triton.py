@@ -1,14 +1,19 @@
 """Decode-step kernels in Triton for the static DuoAttention cache (one new token per sequence).
 
 The cache of a layer holds ``n_ret`` retrieval KV heads ``[B, n_ret, max_len, D]`` and ``n_str`` streaming KV heads
-in a sink + recent ring ``[B, n_str, sink + recent, D]`` (see ``duoattn.engine.cache``). After head reordering the
+in a sink + recent ring ``[B, n_str, sink + recent, D]`` (see ``duoattn.cache``). After head reordering the
 query heads of retrieval KV heads come first: query head ``h * G + g`` belongs to KV head ``h``.
 
 * :func:`append_token` writes the new token's keys and values: one launch, every KV head of the layer.
-* :func:`decode_attention` runs split-KV attention ("flash-decoding"): the retrieval cache is cut into ``splits``
+* :func:`decode_attention` (and :func:`decode_attention_quant` over an int8 / int4 retrieval cache) runs split-KV
+  attention ("flash-decoding"): the retrieval cache is cut into ``splits``
   ranges per KV head, each program reads its range once for all ``G`` query heads of the group and writes a partial
   output and log-sum-exp; the same launch lets one program per streaming KV head attend over its small ring. A
   second launch merges the partial results of the retrieval heads.
+
+The quantised variant reads packed codes plus their scales and zero points and dequantises them in registers
+(float32): memory traffic is the packed bytes. Channels are handled as even / odd halves, the int4 layout (channel
+``2i`` in a byte's low nibble, ``2i + 1`` in its high nibble); int8 reads the same halves with two strided loads.
 
 The number of cached tokens is read from a device tensor (``clock``), never from the host: a CUDA graph captured
 once stays valid while the sequence grows. The grid is fixed; each split covers ``ceil(length / splits)`` tokens.
@@ -19,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..quant.kv import QuantizedKV
 
 LOG2E = 1.4426950408889634
 
@@ -43,7 +50,7 @@ def _append_kernel(
         tl.store(FK + off, k)
         tl.store(FV + off, v)
     else:
-        # Slot p for p < sink, then a ring over the recent slots (same layout as duoattn.cache.DuoLayer).
+        # duoattn.layout.ring_slot: slot p for p < sink, then a ring over the recent slots.
         slot = tl.where(pos < sink, pos, sink + (pos - sink) % recent)
         off = b * s_rb + (h - n_ret) * s_rh + slot * s_rt + d
         tl.store(RK + off, k)
@@ -152,6 +159,127 @@ def _combine_kernel(
     tl.store(OUT + b * s_ob + hq * s_oh + d, (acc / total).to(OUT.dtype.element_ty))
 
 
+@triton.jit
+def _load_halves(base, offs_n, offs_i, stride_t, mask_n, BITS: tl.constexpr):
+    """Codes of channels 2i and 2i + 1 for tokens offs_n: two [BLOCK_N, HALF_D] float32 tiles."""
+    rows = base + offs_n.to(tl.int64)[:, None] * stride_t  # 64-bit: caches of ~10M tokens pass 2**31 bytes
+    if BITS == 4:
+        packed = tl.load(rows + offs_i[None, :], mask=mask_n[:, None], other=0)
+        lo = (packed & 15).to(tl.float32)
+        hi = (packed >> 4).to(tl.float32)
+    else:
+        lo = tl.load(rows + 2 * offs_i[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+        hi = tl.load(rows + 2 * offs_i[None, :] + 1, mask=mask_n[:, None], other=0).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _dequant(base_s, base_z, offs_n, grp_e, grp_o, stride_t, mask_n, lo, hi):
+    rows_s = base_s + offs_n.to(tl.int64)[:, None] * stride_t
+    rows_z = base_z + offs_n.to(tl.int64)[:, None] * stride_t
+    s_e = tl.load(rows_s + grp_e[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+    z_e = tl.load(rows_z + grp_e[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+    s_o = tl.load(rows_s + grp_o[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+    z_o = tl.load(rows_z + grp_o[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+    return lo * s_e + z_e, hi * s_o + z_o
+
+
+
+@triton.jit
+def _attend_range_quant(acc_e, acc_o, m, l, q_e, q_o, KD, KS, KZ, VD, VS, VZ, s_kt, s_kst, s_vt, s_vst, lo, hi,
+                        qk_scale, BLOCK: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
+    """Online softmax (log2 domain) of query halves ``q_e, q_o [GP, D/2]`` over quantised keys ``lo..hi-1``."""
+    n_off = tl.arange(0, BLOCK)
+    i = tl.arange(0, HALF_D)
+    grp_e = (2 * i) // GROUP
+    grp_o = (2 * i + 1) // GROUP
+    # A while loop: the interpreter (under NumPy 2.4) cannot take a runtime range bound. A non-empty range starts
+    # with a valid key, so m is finite after the first tile.
+    n0 = lo
+    while n0 < hi:
+        n = n0 + n_off
+        valid = n < hi
+        lo_c, hi_c = _load_halves(KD, n, i, s_kt, valid, BITS)
+        k_e, k_o = _dequant(KS, KZ, n, grp_e, grp_o, s_kst, valid, lo_c, hi_c)
+        s = tl.dot(q_e, tl.trans(k_e), input_precision="ieee") + tl.dot(q_o, tl.trans(k_o), input_precision="ieee")
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        lo_c, hi_c = _load_halves(VD, n, i, s_vt, valid, BITS)
+        v_e, v_o = _dequant(VS, VZ, n, grp_e, grp_o, s_vst, valid, lo_c, hi_c)
+        acc_e = acc_e * alpha[:, None] + tl.dot(p, v_e, input_precision="ieee")
+        acc_o = acc_o * alpha[:, None] + tl.dot(p, v_o, input_precision="ieee")
+        m = m_new
+        n0 += BLOCK
+    return acc_e, acc_o, m, l
+
+
+@triton.jit
+def _decode_quant_kernel(
+    Q, KD, KS, KZ, VD, VS, VZ, RK, RV, CLOCK, OUT, PO, PL,
+    s_qb, s_qh,
+    s_kb, s_kh, s_kt, s_ksb, s_ksh, s_kst,
+    s_vb, s_vh, s_vt, s_vsb, s_vsh, s_vst,
+    s_rb, s_rh, s_rt,
+    s_ob, s_oh,
+    s_pb, s_ph, s_ps,
+    s_lb, s_lh,
+    n_ret, cap, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    length = tl.load(CLOCK).to(tl.int64)
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    if pid < n_ret * SPLITS:
+        h = pid // SPLITS
+        s = pid % SPLITS
+        heads = h * G + g
+        i = tl.arange(0, HALF_D)
+        q_rows = Q + b * s_qb + heads[:, None] * s_qh
+        q_e = tl.load(q_rows + 2 * i[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q_o = tl.load(q_rows + 2 * i[None, :] + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        acc_e = tl.zeros([GP, HALF_D], dtype=tl.float32)
+        acc_o = tl.zeros([GP, HALF_D], dtype=tl.float32)
+        m = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([GP], dtype=tl.float32)
+        per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+        lo = s * per
+        hi = tl.minimum(lo + per, length)
+        acc_e, acc_o, m, l = _attend_range_quant(
+            acc_e, acc_o, m, l, q_e, q_o,
+            KD + b * s_kb + h * s_kh, KS + b * s_ksb + h * s_ksh, KZ + b * s_ksb + h * s_ksh,
+            VD + b * s_vb + h * s_vh, VS + b * s_vsb + h * s_vsh, VZ + b * s_vsb + h * s_vsh,
+            s_kt, s_kst, s_vt, s_vst, lo, hi, qk_scale, BLOCK, HALF_D, GROUP, BITS,
+        )
+        has = l > 0
+        l_safe = tl.where(has, l, 1.0)
+        lse = tl.where(has, m + tl.log2(l_safe), float("-inf"))
+        rows = PO + b * s_pb + heads[:, None] * s_ph + s * s_ps
+        tl.store(rows + 2 * i[None, :], acc_e / l_safe[:, None], mask=g_ok[:, None])
+        tl.store(rows + 2 * i[None, :] + 1, acc_o / l_safe[:, None], mask=g_ok[:, None])
+        tl.store(PL + b * s_lb + heads * s_lh + s, lse, mask=g_ok)
+    else:
+        h = pid - n_ret * SPLITS
+        heads = (n_ret + h) * G + g
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+        acc = tl.zeros([GP, D], dtype=tl.float32)
+        m = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([GP], dtype=tl.float32)
+        n = tl.minimum(length, cap)
+        acc, m, l = _attend_range(
+            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale,
+            BLOCK, D, PRECISION,
+        )
+        o = acc / l[:, None]
+        tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+
+
 def _check_head_dim(d: int) -> None:
     if d < 16 or d & (d - 1):
         raise ValueError(f"the Triton decode kernels need a power-of-two head_dim >= 16, got {d}")
@@ -244,11 +372,60 @@ def decode_attention(
         num_warps=4, num_stages=3,
     )
     if n_ret:
-        _combine_kernel[(n_ret * group, bsz)](
-            partial_out, partial_lse, o2,
-            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-            partial_lse.stride(0), partial_lse.stride(1),
-            o2.stride(0), o2.stride(1),
-            SPLITS=splits, SP=triton.next_power_of_2(splits), CHUNK=min(32, triton.next_power_of_2(splits)), D=d,
-            num_warps=4,
-        )
+        _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)
+
+
+def _combine(partial_out, partial_lse, o2, rows: int, bsz: int, splits: int, d: int) -> None:
+    _combine_kernel[(rows, bsz)](
+        partial_out, partial_lse, o2,
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+        partial_lse.stride(0), partial_lse.stride(1),
+        o2.stride(0), o2.stride(1),
+        SPLITS=splits, SP=triton.next_power_of_2(splits), CHUNK=min(32, triton.next_power_of_2(splits)), D=d,
+        num_warps=4,
+    )
+
+
+def decode_attention_quant(
+    q: torch.Tensor,
+    full_k: QuantizedKV,
+    full_v: QuantizedKV,
+    ring_k: torch.Tensor | None,
+    ring_v: torch.Tensor | None,
+    clock: torch.Tensor,
+    out: torch.Tensor,
+    partial_out: torch.Tensor,
+    partial_lse: torch.Tensor,
+    scale: float,
+    splits: int,
+    block: int = 64,
+) -> None:
+    """:func:`decode_attention` with the retrieval heads' keys and values quantised (``QuantizedKV
+    [B, n_ret, max_len, ...]``, int8 or int4); ``D`` a power of two >= 32."""
+    bsz, hq, _, d = q.shape
+    if d < 32 or d & (d - 1):
+        raise ValueError(f"the quantised decode kernel needs a power-of-two head_dim >= 32, got {d}")
+    n_ret = full_k.data.shape[1]
+    n_str = 0 if ring_k is None else ring_k.shape[1]
+    group = hq // (n_ret + n_str)
+    q2, o2 = q[:, :, 0], out[:, 0]
+    rk, rv = (ring_k, ring_v) if ring_k is not None else (q2, q2)  # never read without streaming heads
+    rs = (rk.stride(0), rk.stride(1), rk.stride(2)) if ring_k is not None else (0, 0, 0)
+    cap = 0 if ring_k is None else ring_k.shape[2]
+    kd, ks, kz, vd, vs, vz = full_k.data, full_k.scale, full_k.zero, full_v.data, full_v.scale, full_v.zero
+    _decode_quant_kernel[(n_ret * splits + n_str, bsz)](
+        q2, kd, ks, kz, vd, vs, vz, rk, rv, clock, o2, partial_out, partial_lse,
+        q2.stride(0), q2.stride(1),
+        kd.stride(0), kd.stride(1), kd.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        vd.stride(0), vd.stride(1), vd.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        *rs,
+        o2.stride(0), o2.stride(1),
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+        partial_lse.stride(0), partial_lse.stride(1),
+        n_ret, cap, scale * LOG2E,
+        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, HALF_D=d // 2, GROUP=full_k.group_size,
+        BITS=full_k.bits, BLOCK=block, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=4, num_stages=2,
+    )
+    _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)

@@ -1,27 +1,30 @@
-"""The one place that picks the fast engine's kernels.
+"""The one place that picks DuoAttention's kernels.
 
-=================  ==========================================  =========================================
-step               CUDA                                        elsewhere (and the reference)
-=================  ==========================================  =========================================
-append a token     Triton: one launch per layer                ``index_copy_`` at the device clock
-decode attention   Triton split-KV + ring, then a merge        SDPA over the whole buffer, masked by the clock
-prefill retrieval  SDPA (flash), causal aligned lower-right     the same
-prefill streaming  FlexAttention, block-sparse                 SDPA block by block (``streaming_attention``)
-=================  ==========================================  =========================================
+=================  ==============================================  ===============================================
+step               CUDA                                            elsewhere (and soft-capping, odd head sizes)
+=================  ==============================================  ===============================================
+append a token     Triton, one launch per layer (dense); quantise  ``index_copy_`` at the device clock
+                   + ``index_copy_`` at the device clock (int8/4)
+decode attention   Triton split-KV over the retrieval cache (dense  SDPA over the stored prefix (the host count),
+                   or dequantised in registers) + the ring, merge   dequantised first when quantised
+prefill retrieval  SDPA (flash), causal aligned lower-right        the same (soft-capped: a math path by blocks)
+prefill streaming  FlexAttention, block-sparse                     SDPA block by block (``streaming_attention``)
+=================  ==============================================  ===============================================
 
-Every path is graph-safe on the decode side: lengths are read from the device clock, never from the host.
+Only the CUDA decode path is graph-safe (lengths come from the device clock); :func:`graph_safe` says so.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .attention import causal_attention, streaming_attention
+from ..quant.kv import QuantizedKV, dequantize, quantize
+from .attention import causal_attention, dense_attention, streaming_attention
 
 try:  # optional: the Triton kernels need the triton package (CUDA machines have it with PyTorch)
     from . import decode_triton
@@ -39,7 +42,7 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """Kernels of a static cache. ``auto`` picks Triton / compiled FlexAttention on CUDA, the SDPA paths elsewhere.
+    """Kernels of a cache. ``auto`` picks Triton / compiled FlexAttention on CUDA, the SDPA paths elsewhere.
 
     ``flex-eager`` runs FlexAttention without compiling it (slow; for checking the block mask on the CPU).
     """
@@ -55,22 +58,72 @@ class KernelChoice:
                 f"streaming prefill kernel must be one of {STREAMING_PREFILL_KERNELS}, got {self.streaming_prefill!r}"
             )
 
-    def resolve(self, device: torch.device, head_dim: int) -> KernelChoice:
-        """Replace ``auto`` by what runs on ``device``; refuse a Triton choice that cannot run there."""
+    def resolve(self, device: torch.device, head_dim: int, softcap: bool = False,
+                quantized: bool = False) -> KernelChoice:
+        """Replace ``auto`` by what runs on ``device``; refuse a choice that cannot run there."""
         cuda = device.type == "cuda"
-        pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+        min_dim = 32 if quantized else 16  # the quantised kernel splits vectors into halves of >= 16 channels
+        pow2 = head_dim >= min_dim and head_dim & (head_dim - 1) == 0
         decode = self.decode
         if decode == "auto":
-            decode = "triton" if cuda and triton_available() and pow2 else "torch"
+            decode = "triton" if cuda and triton_available() and pow2 and not softcap else "torch"
         elif decode == "triton":
             if not triton_available():
                 raise ValueError("decode kernel 'triton' needs the triton package")
             if not pow2:
-                raise ValueError(f"decode kernel 'triton' needs a power-of-two head_dim >= 16, got {head_dim}")
+                raise ValueError(f"decode kernel 'triton' needs a power-of-two head_dim >= {min_dim}, got {head_dim}")
+            if softcap:
+                raise ValueError("decode kernel 'triton' does not soft-cap scores; use 'torch'")
         streaming = self.streaming_prefill
         if streaming == "auto":
-            streaming = "flex" if cuda else "blocks"
+            streaming = "flex" if cuda and not softcap else "blocks"
+        elif streaming.startswith("flex") and softcap:
+            raise ValueError("the FlexAttention streaming prefill does not soft-cap scores; use 'blocks'")
         return KernelChoice(decode, streaming)
+
+
+def graph_safe(kernels: KernelChoice | None) -> bool:
+    """Whether decode steps with these kernels read no length on the host (and so can be graph-captured)."""
+    return kernels is not None and kernels.decode == "triton"
+
+
+@dataclass
+class Workspace:
+    """Buffers shared by every layer of a cache, allocated once: the decode output, the split-KV partials and the
+    streaming prefill scratch."""
+
+    decode_out: torch.Tensor | None = None
+    partial_out: torch.Tensor | None = None
+    partial_lse: torch.Tensor | None = None
+    scratch_k: torch.Tensor | None = None
+    scratch_v: torch.Tensor | None = None
+    kernel: dict[str, Any] = field(default_factory=dict)
+
+    def reserve_decode(self, batch: int, rows: int, splits: int, heads: int, head_dim: int, dtype: torch.dtype,
+                       device: torch.device) -> None:
+        """Room for ``rows`` retrieval query heads x ``splits`` partial results, and a ``[B, 1, heads, D]`` output."""
+        if self.decode_out is None or self.decode_out.shape[2] < heads:
+            self.decode_out = torch.empty(batch, 1, heads, head_dim, dtype=dtype, device=device)
+        have = self.partial_lse
+        if have is not None and have.shape[1] >= rows and have.shape[2] >= splits:
+            return
+        rows = max(rows, 1, 0 if have is None else have.shape[1])
+        splits = max(splits, 0 if have is None else have.shape[2])
+        self.partial_out = torch.empty(batch, rows, splits, head_dim, dtype=torch.float32, device=device)
+        self.partial_lse = torch.empty(batch, rows, splits, dtype=torch.float32, device=device)
+
+    def scratch(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming scratch ``[B, heads, length, D]`` (views of one buffer grown on demand)."""
+        have = self.scratch_k
+        if have is None or have.shape[1] < heads or have.shape[2] < length:
+            shape = (batch, max(heads, 0 if have is None else have.shape[1]),
+                     max(length, 0 if have is None else have.shape[2]), head_dim)
+            self.scratch_k = self.scratch_v = None  # free the old buffers before taking new ones
+            # Zeroed: slots no token uses are masked out, and masked garbage could still be NaN (0 * NaN = NaN).
+            self.scratch_k = torch.zeros(shape, dtype=dtype, device=device)
+            self.scratch_v = torch.zeros(shape, dtype=dtype, device=device)
+        return self.scratch_k[:, :heads, :length], self.scratch_v[:, :heads, :length]
 
 
 # ----------------------------------------------------------------------------------------------------- decode
@@ -85,8 +138,8 @@ def append_token(
     kernels: KernelChoice,
     k: torch.Tensor,
     v: torch.Tensor,
-    full_k: torch.Tensor | None,
-    full_v: torch.Tensor | None,
+    full_k: torch.Tensor | QuantizedKV | None,
+    full_v: torch.Tensor | QuantizedKV | None,
     ring_k: torch.Tensor | None,
     ring_v: torch.Tensor | None,
     clock: torch.Tensor,
@@ -94,55 +147,91 @@ def append_token(
     recent: int,
 ) -> None:
     """Store one token ``k, v [B, Hkv, 1, D]`` at position ``clock - 1`` (retrieval heads first, then the ring)."""
-    if kernels.decode == "triton":
+    quantized = isinstance(full_k, QuantizedKV)
+    if kernels.decode == "triton" and not quantized:
         decode_triton.append_token(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
         return
+    from ..layout import ring_slot
+
     pos = (clock - 1).view(1)
-    n_ret = 0 if full_k is None else full_k.shape[1]
+    n_ret = 0
     if full_k is not None:
-        full_k.index_copy_(2, pos, k[:, :n_ret])
-        full_v.index_copy_(2, pos, v[:, :n_ret])
+        n_ret = full_k.data.shape[1] if quantized else full_k.shape[1]
+        if quantized:
+            config = _config_of(full_k)
+            full_k.write_at(pos, quantize(k[:, :n_ret], config))
+            full_v.write_at(pos, quantize(v[:, :n_ret], config))
+        else:
+            full_k.index_copy_(2, pos, k[:, :n_ret])
+            full_v.index_copy_(2, pos, v[:, :n_ret])
     if ring_k is not None:
-        slot = torch.where(pos < sink, pos, sink + (pos - sink).remainder(recent))
+        slot = ring_slot(pos, sink, recent)
         ring_k.index_copy_(2, slot, k[:, n_ret:])
         ring_v.index_copy_(2, slot, v[:, n_ret:])
+
+
+def _config_of(stored: QuantizedKV):
+    from ..quant.kv import KVQuantConfig
+
+    return KVQuantConfig(bits=stored.bits, group_size=stored.group_size)
 
 
 def decode_attention(
     kernels: KernelChoice,
     q: torch.Tensor,
-    full_k: torch.Tensor | None,
-    full_v: torch.Tensor | None,
+    full_k: torch.Tensor | QuantizedKV | None,
+    full_v: torch.Tensor | QuantizedKV | None,
     ring_k: torch.Tensor | None,
     ring_v: torch.Tensor | None,
     clock: torch.Tensor,
-    out: torch.Tensor,
+    length: int,
+    workspace: Workspace,
     scale: float,
     splits: int,
-    partial_out: torch.Tensor | None,
-    partial_lse: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``q [B, Hq, 1, D]`` (retrieval query heads first) over the cache -> ``out [B, 1, Hq, D]``."""
+    """``q [B, Hq, 1, D]`` (retrieval query heads first) over the cache -> ``[B, 1, Hq, D]``.
+
+    The Triton path reads the length from ``clock`` and writes into the shared ``workspace.decode_out``; the torch
+    path uses the host count ``length``.
+    """
+    hq = q.shape[1]
     if kernels.decode == "triton":
-        decode_triton.decode_attention(q, full_k, full_v, ring_k, ring_v, clock, out, partial_out, partial_lse, scale,
-                                       splits, block=DECODE_BLOCK)
+        out = workspace.decode_out[:, :, :hq]
+        args = (q, full_k, full_v, ring_k, ring_v, clock, out, workspace.partial_out, workspace.partial_lse, scale,
+                splits)
+        if isinstance(full_k, QuantizedKV):
+            decode_triton.decode_attention_quant(*args, block=DECODE_BLOCK)
+        else:
+            decode_triton.decode_attention(*args, block=DECODE_BLOCK)
         return out
-    n_ret = 0 if full_k is None else full_k.shape[1]
+    n_ret = 0 if full_k is None else (full_k.data.shape[1] if isinstance(full_k, QuantizedKV) else full_k.shape[1])
     n_str = 0 if ring_k is None else ring_k.shape[1]
-    hr = q.shape[1] * n_ret // (n_ret + n_str)
-    for lo, hi, k, v in ((0, hr, full_k, full_v), (hr, q.shape[1], ring_k, ring_v)):
-        if k is None:
-            continue
-        visible = (torch.arange(k.shape[2], device=k.device) < clock).view(1, 1, 1, -1)
-        o = F.scaled_dot_product_attention(q[:, lo:hi], k, v, attn_mask=visible, scale=scale, enable_gqa=True)
-        out[:, 0, lo:hi] = o[:, :, 0]
-    return out
+    hr = hq * n_ret // (n_ret + n_str)
+    parts = []
+    if full_k is not None:
+        k, v = _prefix(full_k, length, q.dtype), _prefix(full_v, length, q.dtype)
+        parts.append(dense_attention(q[:, :hr], k, v, scale, softcap))
+    if ring_k is not None:
+        n = min(length, ring_k.shape[2])  # the ring holds exactly the visible keys (in any order)
+        parts.append(dense_attention(q[:, hr:], ring_k[:, :, :n], ring_v[:, :, :n], scale, softcap))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out.transpose(1, 2)
+
+
+def _prefix(stored: torch.Tensor | QuantizedKV, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Positions ``0..end-1`` of a retrieval buffer ``[B, n_ret, max_len, D]`` (dequantised if quantised)."""
+    if isinstance(stored, QuantizedKV):
+        return dequantize(stored.tokens(0, end), dtype)
+    return stored[:, :, :end]
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
-def prefill_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of the chunk's ``C`` queries (the last ``C`` of the ``T`` keys) -> ``[B, Hq, C, D]``."""
-    return causal_attention(q, k, v, scale)
+def prefill_retrieval(q: torch.Tensor, full_k: torch.Tensor | QuantizedKV, full_v: torch.Tensor | QuantizedKV,
+                      end: int, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of the chunk's ``C`` queries (positions ``end - C .. end - 1``) over the stored prefix
+    -> ``[B, Hq, C, D]``. A quantised prefix is dequantised first: queries see what decoding will see."""
+    return causal_attention(q, _prefix(full_k, end, q.dtype), _prefix(full_v, end, q.dtype), scale, softcap)
 
 
 def prefill_streaming(
@@ -151,31 +240,32 @@ def prefill_streaming(
     k: torch.Tensor,
     v: torch.Tensor,
     plan: Any,
-    workspace: dict[str, Any],
+    workspace: Workspace,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Streaming heads of one chunk: ``q [B, n_str * G, C, D]`` over the scratch ``k, v [B, n_str, L, D]`` laid out by
-    ``plan`` (a :class:`duoattn.engine.plan.ChunkPlan`) -> ``[B, n_str * G, C, D]``.
+    ``plan`` (a :class:`duoattn.layout.ChunkPlan`) -> ``[B, n_str * G, C, D]``.
 
-    ``workspace`` is per cache. If compiled FlexAttention fails, the cache falls back to the block-by-block SDPA
-    kernel for good, records why in ``workspace["flex_failed"]`` and warns once.
+    If compiled FlexAttention fails, the cache falls back to the block-by-block SDPA kernel for good, records why in
+    ``workspace.kernel["flex_failed"]`` and warns once.
     """
-    if kernels.streaming_prefill in ("flex", "flex-eager") and not workspace.get("flex_failed"):
+    if kernels.streaming_prefill in ("flex", "flex-eager") and not workspace.kernel.get("flex_failed"):
         try:
-            return _flex_prefill(kernels, q, k, v, plan, workspace, scale)
+            return _flex_prefill(kernels, q, k, v, plan, scale)
         except Exception as err:  # noqa: BLE001 - any compile failure leaves a correct, slower path
             if kernels.streaming_prefill == "flex-eager":
                 raise
-            workspace["flex_failed"] = repr(err)
+            workspace.kernel["flex_failed"] = repr(err)
             warnings.warn(f"FlexAttention failed ({err!r}); streaming heads use block-by-block SDPA", stacklevel=2)
     p, c = plan.prefix, plan.size
     return streaming_attention(
         q, k[:, :, : plan.sink_visible], v[:, :, : plan.sink_visible], k[:, :, p - plan.n_run : p + c],
-        v[:, :, p - plan.n_run : p + c], plan.run_start, plan.recent, scale,
+        v[:, :, p - plan.n_run : p + c], plan.run_start, plan.recent, scale, softcap=softcap,
     )
 
 
-def _flex_prefill(kernels, q, k, v, plan, workspace, scale) -> torch.Tensor:
+def _flex_prefill(kernels, q, k, v, plan, scale) -> torch.Tensor:
     from .flex import flex_streaming_attention, streaming_state
 
     mask = plan.extras.get("flex_mask")
@@ -183,3 +273,26 @@ def _flex_prefill(kernels, q, k, v, plan, workspace, scale) -> torch.Tensor:
         state = streaming_state(plan.sink, plan.recent, plan.prefix, q.device)
         mask = plan.extras["flex_mask"] = state.block_mask(plan)
     return flex_streaming_attention(q, k, v, mask, scale, compiled=kernels.streaming_prefill == "flex")
+
+
+# ---------------------------------------------------------------------------------------------- no cache at all
+def uncached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ret: int, groups: int, sink: int,
+                       recent: int, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Keys are plain ``[B, Hkv, T, D]`` at positions ``0..T-1`` and the queries the last ``C`` of them (no cache,
+    or a stock cache); retrieval heads are the first ``n_ret`` KV heads -> ``[B, Hq, C, D]``."""
+    hr = n_ret * groups
+    c, t = q.shape[-2], k.shape[-2]
+    parts = []
+    if n_ret:
+        parts.append(causal_attention(q[:, :hr], k[:, :n_ret], v[:, :n_ret], scale, softcap))
+    if n_ret < k.shape[1]:
+        # Only the sink and the last C + recent - 1 keys can be seen by a streaming head.
+        n_sink, lo = min(sink, t), max(0, t - c - recent + 1)
+        ks, vs = k[:, n_ret:], v[:, n_ret:]
+        parts.append(streaming_attention(q[:, hr:], ks[:, :, :n_sink], vs[:, :, :n_sink], ks[:, :, lo:],
+                                         vs[:, :, lo:], lo, recent, scale, softcap=softcap))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+__all__ = ["F", "KernelChoice", "Workspace", "append_token", "decode_attention", "graph_safe", "prefill_retrieval",
+           "prefill_streaming", "uncached_attention"]

@@ -1,6 +1,6 @@
 """Streaming-head prefill with FlexAttention: a block-sparse sink + recent mask, so masked blocks are never computed.
 
-The keys are the streaming scratch of :mod:`duoattn.engine.plan` (stored sink tokens, stored recent tokens, the
+The keys are the streaming scratch of :mod:`duoattn.layout` (stored sink tokens, stored recent tokens, the
 chunk). For each block of 128 queries the block mask lists only the key blocks that can hold a visible key: the sink
 blocks, the stored recent blocks (first ``recent`` queries only) and the chunk blocks within ``recent`` of the block's
 queries. Inside those blocks ``mask_mod`` applies the token-exact rule by absolute position, read from ``kv_pos``.

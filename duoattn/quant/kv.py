@@ -121,16 +121,21 @@ class QuantizedKV:
         )
 
     @staticmethod
-    def empty(lead: tuple[int, ...], num_tokens: int, head_dim: int, config: KVQuantConfig,
+    def zeros(lead: tuple[int, ...], num_tokens: int, head_dim: int, config: KVQuantConfig,
               dtype: torch.dtype, device: torch.device) -> QuantizedKV:
-        """Uninitialised storage for ``num_tokens`` vectors of ``head_dim`` channels."""
+        """Storage for ``num_tokens`` vectors of ``head_dim`` channels, all reading back as 0."""
         groups = head_dim // config.group(head_dim)
         return QuantizedKV(
-            torch.empty(*lead, num_tokens, head_dim * config.bits // 8, dtype=torch.uint8, device=device),
-            torch.empty(*lead, num_tokens, groups, dtype=dtype, device=device),
-            torch.empty(*lead, num_tokens, groups, dtype=dtype, device=device),
+            torch.zeros(*lead, num_tokens, head_dim * config.bits // 8, dtype=torch.uint8, device=device),
+            torch.zeros(*lead, num_tokens, groups, dtype=dtype, device=device),
+            torch.zeros(*lead, num_tokens, groups, dtype=dtype, device=device),
             config.bits,
         )
+
+    def write_at(self, index: torch.Tensor, other: QuantizedKV) -> None:
+        """Copy ``other`` into the tokens at ``index`` (a 1-element device tensor): graph-safe, no host read."""
+        for mine, theirs in zip((self.data, self.scale, self.zero), (other.data, other.scale, other.zero)):
+            mine.index_copy_(-2, index, theirs)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,13 @@
-"""Where each token lives while a prefill chunk is processed: the streaming scratch layout and the ring copies.
+"""The streaming layout rule, in one place: what a streaming head sees, where its tokens live, what the cache holds.
 
-The streaming heads of a chunk at positions ``start..end-1`` attend over a scratch buffer laid out as::
+**Visibility.** A streaming head lets the query at absolute position ``i`` see the key at position ``j`` iff
+``j <= i`` and (``j < sink`` or ``i - j < recent``); a retrieval head sees every ``j <= i`` (:func:`visible`).
+
+**Ring slots.** A streaming head keeps ``sink + recent`` slots: position ``p < sink`` lives in slot ``p``, position
+``p >= sink`` in slot ``sink + (p - sink) % recent`` (:func:`ring_slot`). While the sequence is shorter than the ring,
+slot = position; once it is full, the oldest recent token is overwritten.
+
+**Chunk plans.** The streaming heads of a chunk at positions ``start..end-1`` attend over a scratch buffer laid out as::
 
     index:    0 .. n_sink-1   |  (unused)  |  prefix-n_run .. prefix-1  |  prefix .. prefix+C-1
     position: 0 .. n_sink-1   |            |  run_start .. start-1      |  start .. end-1
@@ -13,8 +20,7 @@ multiple of 128 (so the chunk starts on a block boundary for block-sparse kernel
 The recent part and the chunk form one consecutive run of positions, which is what
 :func:`duoattn.kernels.attention.streaming_attention` expects.
 
-Ring slots follow :mod:`duoattn.cache`: position ``p < sink`` lives in slot ``p``, position ``p >= sink`` in slot
-``sink + (p - sink) % recent``.
+**Bytes.** :func:`split_kv_bytes` is the one formula for what a split cache holds.
 """
 
 from __future__ import annotations
@@ -22,7 +28,47 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 BLOCK = 128
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int, streaming: bool | torch.Tensor
+            ) -> torch.Tensor:
+    """Bool ``[..., len(q_pos), len(k_pos)]``: True where the query may attend to the key.
+
+    ``streaming`` is a bool, or a bool tensor of heads ``[H]`` (the result is then ``[H, Q, K]``).
+    """
+    i, j = q_pos[:, None], k_pos[None, :]
+    causal = j <= i
+    window = causal & ((j < sink) | (i - j < recent))
+    if isinstance(streaming, bool):
+        return window if streaming else causal
+    return torch.where(streaming.view(-1, 1, 1).to(causal.device), window, causal)
+
+
+def ring_slot(pos, sink: int, recent: int):
+    """The ring slot of position ``pos`` (an int or an integer tensor)."""
+    if isinstance(pos, torch.Tensor):
+        return torch.where(pos < sink, pos, sink + (pos - sink).remainder(recent))
+    return pos if pos < sink else sink + (pos - sink) % recent
+
+
+def split_kv_bytes(
+    num_retrieval: int, num_streaming: int, capacity: int, sink: int, recent: int, head_dim: int,
+    stream_bytes: int, full_vector_bytes: int | None = None, batch_size: int = 1,
+) -> int:
+    """Key + value bytes of a split cache sized for ``capacity`` tokens, summed over layers.
+
+    ``num_retrieval`` / ``num_streaming`` count KV heads over all DuoAttention layers. Retrieval heads hold
+    ``capacity`` vectors of ``full_vector_bytes`` (default: ``head_dim * stream_bytes``, the model dtype; a quantised
+    cache passes its codes + scales + zero points), streaming heads ``min(capacity, sink + recent)`` vectors in the
+    model dtype.
+    """
+    stream_vec = head_dim * stream_bytes
+    full_vec = stream_vec if full_vector_bytes is None else full_vector_bytes
+    ring = min(capacity, sink + recent)
+    return batch_size * 2 * (num_retrieval * capacity * full_vec + num_streaming * ring * stream_vec)
 
 
 def prefix_length(sink: int, recent: int) -> int:
@@ -36,7 +82,7 @@ def _ring_spans(first: int, last: int, sink: int, recent: int) -> list[tuple[int
     consecutive ring slots: the ring wraps at most once."""
     spans, pos = [], first
     while pos < last:
-        slot = sink + (pos - sink) % recent
+        slot = ring_slot(pos, sink, recent)
         count = min(last - pos, sink + recent - slot)
         spans.append((pos - first, slot, count))
         pos += count

@@ -3,7 +3,7 @@
 For every attention layer with KV-head permutation ``perm`` (new head ``i`` is old head ``perm[i]``, retrieval heads
 first, each group in its original order), the rows of ``q_proj`` (per query head), ``k_proj`` and ``v_proj`` (per
 KV head) and their biases, and the columns of ``o_proj`` are permuted. A fused ``qkv_proj`` is permuted block by
-block. Attention is computed head by head and ``o_proj`` undoes the order, so the model computes the same function;
+block; 8-bit linear layers (:class:`duoattn.quant.weights.Int8Linear`) permute their per-row scales with the rows. Attention is computed head by head and ``o_proj`` undoes the order, so the model computes the same function;
 applying the inverse permutation restores every weight bit for bit.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models import attention_modules, text_config
-from ..models import head_dim as model_head_dim
+from .models import attention_modules, text_config
+from .models import head_dim as model_head_dim
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,29 @@ def _permute_(param: nn.Parameter | None, index: torch.Tensor, dim: int) -> None
         param.copy_(param.index_select(dim, index.to(param.device)))  # same storage: ties and hooks stay valid
 
 
+def _is_linear(module: nn.Module | None) -> bool:
+    """An ``nn.Linear`` or a layer that stores its weight as ``[out, in]`` rows the same way (Int8Linear)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "out_features")
+
+
+def _permute_rows(linear: nn.Module, rows: torch.Tensor) -> None:
+    _permute_(linear.weight, rows, 0)
+    _permute_(getattr(linear, "bias", None), rows, 0)
+    scale = getattr(linear, "scale", None)  # Int8Linear: one scale per output row
+    if isinstance(scale, torch.Tensor) and scale.dim() == 1:
+        _permute_(scale, rows, 0)
+
+
 def _permute_module(module: nn.Module, perm: torch.Tensor, groups: int, head_dim: int) -> None:
     q_rows = _rows(perm, groups * head_dim)  # a KV head's query group moves with it
     kv_rows = _rows(perm, head_dim)
-    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if all(_is_linear(getattr(module, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            linear = getattr(module, name)
-            _permute_(linear.weight, rows, 0)
-            _permute_(linear.bias, rows, 0)
-    elif isinstance(getattr(module, "qkv_proj", None), nn.Linear) and isinstance(getattr(module, "o_proj", None),
-                                                                                   nn.Linear):
+            _permute_rows(getattr(module, name), rows)
+    elif _is_linear(getattr(module, "qkv_proj", None)) and _is_linear(getattr(module, "o_proj", None)):
         hq = len(q_rows)
         hkv = len(kv_rows)
         rows = torch.cat([q_rows, hq + kv_rows, hq + hkv + kv_rows])
@@ -80,27 +93,36 @@ def _permute_module(module: nn.Module, perm: torch.Tensor, groups: int, head_dim
                 f"{type(module).__name__}.qkv_proj has {module.qkv_proj.out_features} outputs; expected "
                 f"q + k + v = {hq + 2 * hkv}"
             )
-        _permute_(module.qkv_proj.weight, rows, 0)
-        _permute_(module.qkv_proj.bias, rows, 0)
+        _permute_rows(module.qkv_proj, rows)
     else:
         raise ValueError(
-            f"cannot reorder heads of {type(module).__name__}: expected nn.Linear q_proj, k_proj, v_proj (or a fused "
+            f"cannot reorder heads of {type(module).__name__}: expected linear q_proj, k_proj, v_proj (or a fused "
             "qkv_proj) and o_proj"
         )
     _permute_(module.o_proj.weight, q_rows, 1)
 
 
 def permute_heads(model: nn.Module, order: HeadOrder) -> None:
-    """Apply ``order`` to the model's attention weights in place (use ``order.inverse()`` to undo)."""
+    """Apply ``order`` to the model's attention weights in place (use ``order.inverse()`` to undo); layers whose
+    order is the identity are not touched."""
     cfg = text_config(model)
     modules = attention_modules(model)
     if len(order.perms) != len(modules):
         raise ValueError(f"head order has {len(order.perms)} layers, the model {len(modules)}")
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     head_dim = model_head_dim(cfg)
-    for idx, (module, perm) in enumerate(zip(modules, order.perms)):
+    for idx, perm in enumerate(order.perms):
         if len(perm) != cfg.num_key_value_heads:
             raise ValueError(f"layer {idx}: permutation of {len(perm)} heads, the model has {cfg.num_key_value_heads}")
         if not torch.equal(torch.sort(perm).values, torch.arange(len(perm))):
             raise ValueError(f"layer {idx}: {perm.tolist()} is not a permutation")
-        _permute_module(module, perm, groups, head_dim)
+    done: list[tuple[nn.Module, torch.Tensor]] = []
+    try:
+        for module, perm in zip(modules, order.perms):
+            if not torch.equal(perm, torch.arange(len(perm))):
+                _permute_module(module, perm, groups, head_dim)
+                done.append((module, perm))
+    except BaseException:
+        for module, perm in done:  # all or nothing: undo the layers already permuted
+            _permute_module(module, torch.argsort(perm), groups, head_dim)
+        raise
