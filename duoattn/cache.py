@@ -342,12 +342,30 @@ class DuoCache(Cache):
         n_ret, n_str = sum(l.n_ret for l in duo), sum(l.n_str for l in duo)
         return split_kv_bytes(n_ret, n_str, tokens, s.sink, s.recent, d, elem, full_vec, s.batch_size)
 
-    def fill_random(self, tokens: int, generator: torch.Generator | None = None, std: float = 1.0) -> None:
-        """Declare ``tokens`` positions stored with random keys and values (standard normal times ``std``): a
-        stand-in for a prefill when only decode speed matters. The cache must be allocated (one forward first)."""
+    def preallocate(self, batch_size: int, dtype: torch.dtype, device: torch.device | str, head_dim: int) -> None:
+        """Allocate every DuoAttention layer's storage now (it is otherwise allocated at the first token)."""
+        check_int("batch_size", batch_size, 1)
+        for layer in self.layers:
+            if isinstance(layer, DuoLayer) and not layer.is_initialized:
+                like = torch.empty(batch_size, layer.roles.num_kv_heads, 0, head_dim, dtype=dtype, device=device)
+                layer.lazy_initialization(like, like)
+
+    def set_length(self, tokens: int) -> None:
+        """Declare the first ``tokens`` positions stored (for caches filled directly, or to rewind a benchmark)."""
         s = self.state
         if not s.allocated:
-            raise RuntimeError("the cache is allocated at its first token: run one forward pass first")
+            raise RuntimeError("the cache is not allocated yet: call preallocate() or run a forward pass first")
+        if not 0 <= tokens <= s.max_len:
+            raise ValueError(f"tokens must be in [0, {s.max_len}], got {tokens}")
+        s.length, s.plan = tokens, None
+        s.clock.fill_(tokens)
+
+    def fill_random(self, tokens: int, generator: torch.Generator | None = None, std: float = 1.0) -> None:
+        """Declare ``tokens`` positions stored with random keys and values: a stand-in for a prefill when only decode
+        speed matters (normal times ``std``; a quantised cache gets random codes, scales and zero points)."""
+        s = self.state
+        if not s.allocated:
+            raise RuntimeError("the cache is not allocated yet: call preallocate() or run a forward pass first")
         if not 0 <= tokens <= s.max_len:
             raise ValueError(f"tokens must be in [0, {s.max_len}], got {tokens}")
         n_ring = min(tokens, s.capacity)
@@ -359,15 +377,12 @@ class DuoCache(Cache):
                 if stored is None or not n:
                     continue
                 if isinstance(stored, QuantizedKV):
-                    vals = torch.empty(*stored.data.shape[:2], min(n, 1 << 16), stored.head_dim, dtype=s.dtype,
-                                       device=s.device)
-                    for start in range(0, n, vals.shape[-2]):  # in slices: no full-size float buffer
-                        part = vals[..., : min(vals.shape[-2], n - start), :].normal_(0.0, std, generator=generator)
-                        stored.write(start, quantize(part, s.kv_quant))
+                    stored.data[..., :n, :].random_(0, 256, generator=generator)
+                    stored.scale[..., :n, :].uniform_(0.0, 2 * std / (2**stored.bits - 1), generator=generator)
+                    stored.zero[..., :n, :].uniform_(-std, 0.0, generator=generator)
                 else:
                     stored[:, :, :n].normal_(0.0, std, generator=generator)
-        s.length, s.plan = tokens, None
-        s.clock.fill_(tokens)
+        self.set_length(tokens)
 
     def describe(self) -> dict[str, int | str]:
         s = self.state

@@ -167,84 +167,41 @@ def _names(text: str) -> list[str]:
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="decode / prefill speed and memory: full attention vs DuoAttention vs stock")
+    p = sub.add_parser("bench", help="model.generate speed and memory: DuoAttention vs full attention vs stock")
     p.add_argument("--shapes", type=_names, default=["llama-3-8b"],
                    help="random-weight model shapes: llama-3-8b, llama-2-7b, tiny (default llama-3-8b)")
     p.add_argument("--model", default=None, help="a real model (HF id, directory, .gguf) instead of --shapes")
     p.add_argument("--pattern", default=None, help="pattern directory for --model (default: random gates)")
     p.add_argument("--ratios", type=_floats, default=[1.0, 0.5, 0.25],
-                   help="fractions of retrieval KV heads; 1 = the engine's full-attention path (default 1,0.5,0.25)")
-    p.add_argument("--contexts", type=_ints, default=[131072], help="decode context lengths in tokens")
-    p.add_argument("--prefill-contexts", type=_ints, default=[], help="prompt lengths for chunked prefill timing")
+                   help="fractions of retrieval KV heads; 1 = full attention on the same path (default 1,0.5,0.25)")
+    p.add_argument("--kv-bits", type=_ints, default=[16], help="retrieval-cache bits to compare, e.g. 16,8,4")
+    p.add_argument("--weight-bits", type=_ints, default=[16], help="linear-weight bits to compare, e.g. 16,8")
+    p.add_argument("--contexts", type=_ints, default=[131072],
+                   help="decode contexts: generate continues from a cache of that many random tokens")
+    p.add_argument("--prefill-contexts", type=_ints, default=[], help="prompt lengths generate prefills for real")
     p.add_argument("--prefill-chunk", type=int, default=32768, help="prefill chunk size in tokens (default 32768)")
-    p.add_argument("--stock-contexts", type=_ints, default=[],
-                   help="contexts for the reference row: transformers' SDPA attention with its dynamic cache")
-    p.add_argument("--max-context-ratios", type=_floats, default=[],
-                   help="ratios whose longest decodable context is searched (GPU only)")
+    p.add_argument("--no-stock", action="store_true", help="leave out transformers' own rows (unpatched model)")
+    p.add_argument("--capacity", action="store_true",
+                   help="search the longest context that fits and decodes, for every ratio and kv-bits (GPU only)")
+    p.add_argument("--no-step-rows", action="store_true", help="leave out the step-level diagnostic rows")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--recent", type=int, default=256)
-    p.add_argument("--steps", type=int, default=50, help="timed decode steps (default 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed decode steps first (default 10)")
-    p.add_argument("--decode-fill", choices=["random", "prefill"], default="random",
-                   help="fill decode caches with random keys/values (default) or a real prefill")
-    p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
+    p.add_argument("--steps", type=int, default=32, help="decoded tokens timed per row (default 32)")
+    p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
     p.add_argument("--decode-kernel", default="auto", help="auto, triton or torch")
     p.add_argument("--streaming-kernel", default="auto", help="auto, flex, flex-eager or blocks")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the bandwidth bound (default 4.3e12)")
-    p.add_argument("--profile", action="store_true", help="kernel-time breakdown of every decode row (GPU)")
-    p.add_argument("--compile", choices=["none", "norms"], default="none",
-                   help="torch.compile the model's RMSNorm modules before graph capture")
+    p.add_argument("--reserve-gib", type=float, default=3.0, help="GPU memory kept free by the capacity search")
+    p.add_argument("--profile", action="store_true", help="kernel-time breakdown of every step row (GPU)")
     p.add_argument("--out", default=None, help="directory for config.json, results.json, table.txt, decode.png")
-    q = p.add_argument_group("quantised capacity mode (with --kv-bits or --weight-bits)")
-    q.add_argument("--kv-bits", type=_ints, default=None,
-                   help="retrieval-cache bits to compare, e.g. 16,8,4: measures the longest context that decodes and "
-                        "the decode ms/token at the first --contexts length, on the deployment path")
-    q.add_argument("--weight-bits", type=_ints, default=None, help="linear-weight bits to compare, e.g. 16,8")
-    q.add_argument("--reserve-gib", type=float, default=3.0, help="GPU memory kept free when sizing the cache")
-    q.add_argument("--memory-budget-gib", type=float, default=None, help="KV memory (default: free GPU memory)")
-    q.add_argument("--no-capacity-check", action="store_true", help="estimate capacity without filling the cache")
-
-
-def run_quant_bench(args: argparse.Namespace) -> None:
-    from .quant.bench import QuantBenchConfig
-    from .quant.bench import run_quant_bench as run
-
-    if len(args.shapes) != 1:
-        raise ValueError(f"--kv-bits / --weight-bits take one shape, got --shapes {','.join(args.shapes)}")
-    if args.model is not None or args.prefill_contexts or args.stock_contexts or args.max_context_ratios:
-        raise ValueError("--kv-bits / --weight-bits measure capacity and decode on one --shapes model; they take no "
-                         "--model, --prefill-contexts, --stock-contexts or --max-context-ratios")
-    run(
-        QuantBenchConfig(
-            out=args.out or "runs/bench-quant",
-            shape=args.shapes[0],
-            retrieval=args.ratios,
-            kv_bits=args.kv_bits or [16],
-            weight_bits=args.weight_bits or [16],
-            decode_len=args.contexts[0],
-            steps=args.steps,
-            warmup=args.warmup,
-            sink=args.sink,
-            recent=args.recent,
-            memory_budget_gib=args.memory_budget_gib,
-            reserve_gib=args.reserve_gib,
-            check_capacity=not args.no_capacity_check,
-            device=args.device,
-            seed=args.seed,
-        )
-    )
 
 
 def run_bench(args: argparse.Namespace) -> None:
     from .bench import BenchConfig
     from .bench import run_bench as bench
-
-    if args.kv_bits is not None or args.weight_bits is not None:
-        run_quant_bench(args)
-        return
 
     bench(
         BenchConfig(
@@ -252,16 +209,17 @@ def run_bench(args: argparse.Namespace) -> None:
             model=args.model,
             pattern=args.pattern,
             ratios=args.ratios,
+            kv_bits=args.kv_bits,
+            weight_bits=args.weight_bits,
             contexts=args.contexts,
             prefill_contexts=args.prefill_contexts,
             prefill_chunk=args.prefill_chunk,
-            stock_contexts=args.stock_contexts,
-            max_context_ratios=args.max_context_ratios,
+            stock=not args.no_stock,
+            capacity=args.capacity,
+            step_rows=not args.no_step_rows,
             sink=args.sink,
             recent=args.recent,
             steps=args.steps,
-            warmup=args.warmup,
-            decode_fill=args.decode_fill,
             graph=not args.no_graph,
             decode_kernel=args.decode_kernel,
             streaming_kernel=args.streaming_kernel,
@@ -269,8 +227,8 @@ def run_bench(args: argparse.Namespace) -> None:
             device=args.device,
             seed=args.seed,
             bandwidth=args.bandwidth,
+            reserve_gib=args.reserve_gib,
             profile=args.profile,
-            compile=args.compile,
             out=args.out,
         )
     )

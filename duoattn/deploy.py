@@ -18,6 +18,7 @@ the weights come back bit for bit.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import sys
@@ -100,15 +101,18 @@ class DuoAttentionHandle:
     def kv_bits(self) -> int:
         return 16 if self.kv_quant is None else self.kv_quant.bits
 
-    def new_cache(self, max_len: int, kernels: KernelChoice | None = None) -> DuoCache:
+    def new_cache(self, max_len: int, batch_size: int | None = None, kernels: KernelChoice | None = None) -> DuoCache:
         """A fresh split cache for sequences of up to ``max_len`` tokens (prompt + generated).
 
-        Storage is allocated at the first token, for the batch size it brings.
+        Storage is allocated at the first token, for the batch size it brings, or now if ``batch_size`` is given.
         """
         cfg = text_config(self.model)
-        return DuoCache(self.layer_roles, max_len=max_len, config=cfg, kv_quant=self.kv_quant,
-                        kernels=kernels or self.kernels,
-                        softcap=getattr(cfg, "attn_logit_softcapping", None) is not None)
+        cache = DuoCache(self.layer_roles, max_len=max_len, config=cfg, kv_quant=self.kv_quant,
+                         kernels=kernels or self.kernels,
+                         softcap=getattr(cfg, "attn_logit_softcapping", None) is not None)
+        if batch_size is not None:
+            cache.preallocate(batch_size, self.model.dtype, self.model.device, model_head_dim(cfg))
+        return cache
 
     def expected_kv_bytes(self, max_len: int | torch.Tensor, batch_size: int = 1,
                           dtype: torch.dtype | None = None) -> int:
@@ -267,8 +271,13 @@ def _install(model: PreTrainedModel, handle: DuoAttentionHandle) -> None:
                 if new is None:
                     new = kwargs.get("max_length", gen_config.max_length) - request[1]
                 kwargs[name] = handle.new_cache(max_len=request[1] + max(int(new), 1))
-        if handle.prefill_chunk_size is not None:
-            kwargs.setdefault("prefill_chunk_size", handle.prefill_chunk_size)
+        if handle.prefill_chunk_size is not None and kwargs.get("prefill_chunk_size") is None:
+            if kwargs.get("generation_config") is not None:  # one source of settings, as generate asks
+                if kwargs["generation_config"].prefill_chunk_size is None:
+                    kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+                    kwargs["generation_config"].prefill_chunk_size = handle.prefill_chunk_size
+            else:
+                kwargs["prefill_chunk_size"] = handle.prefill_chunk_size
         return original_generate(*args, **kwargs)
 
     def inject_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

@@ -1,4 +1,19 @@
-"""The measurements of ``duoattn bench``: decode ms/token, chunked prefill seconds, longest decodable context."""
+"""The measurements of ``duoattn bench``, all through ``model.generate``: what users run.
+
+* ``generate`` rows (the headline): under ``duo_attention`` (every head retrieval = the ``full`` path, or a fraction
+  of them = ``duo``), or on the unpatched model (``stock``: transformers' SDPA and dynamic cache).
+
+  - random fill: the cache holds ``context`` random keys / values (speed does not depend on them) and ``generate``
+    continues from it. Decode ms/token is ``(t(2 + steps) - t(2)) / steps`` of two ``generate`` calls on the same
+    cache, so that both include the one-token prompt step and neither the first call's graph capture, which is
+    reported on its own (``first_call_s``).
+  - prefill: ``generate(max_new_tokens=1)`` on a random ``context``-token prompt, prefilled in chunks: seconds and
+    peak memory.
+* ``step`` rows (a diagnostic): the same cache's captured decode step replayed alone, without generate's own work.
+* ``max_context`` rows: the longest context (a multiple of 64K) whose cache fits and decodes through ``generate``,
+  searched downward from the estimate that the KV-bytes formula and the free memory give; one search serves every
+  (ratio, kv_bits, weight_bits) setting.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +23,22 @@ from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
-from ..cache import cache_kv_bytes
-from ..engine import DecodeRunner, fast_duo_attention, prefill
-from ..engine.cache import StaticDuoCache
-from ..engine.runner import _forward
+from ..cache import DuoCache, cache_kv_bytes
+from ..deploy import DuoAttentionHandle, cache_kwarg, duo_attention
 from ..kernels.dispatch import KernelChoice
 from ..models import default_device, load_model, text_config
 from ..models import head_dim as model_head_dim
-from ..patch import cache_kwarg
 from ..pattern import HeadPattern
+from ..quant.weights import quantize_linear_weights
 from .config import BenchConfig, Row
 from .profile import kernel_profile
 from .shapes import build_random_model, weight_bytes_read
 from .timing import median, peak_bytes, reset_peak, time_ms, time_once_s
 
 OOM = (torch.cuda.OutOfMemoryError,)
+CAPACITY_STEP = 1 << 16
 
 
 def release(device: torch.device) -> None:
@@ -50,96 +64,166 @@ def random_ids(model: PreTrainedModel, length: int, device: torch.device, seed: 
     return torch.randint(0, text_config(model).vocab_size, (1, length), generator=g).to(device)
 
 
-class Bench:
-    """One model under test: runs the rows of one shape (or real model)."""
+def greedy(new_tokens: int, **kwargs) -> GenerationConfig:
+    """Greedy decoding of exactly ``new_tokens`` tokens (no end-of-sequence stop: random weights)."""
+    return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
 
-    def __init__(self, config: BenchConfig, model: PreTrainedModel, shape: str, device: torch.device):
+
+def rewind_dynamic(cache: DynamicCache, tokens: int) -> None:
+    """Drop what ``generate`` appended to a stock cache after its first ``tokens`` positions."""
+    extra = cache.get_seq_length() - tokens
+    if extra > 0:
+        cache.crop(-extra)
+
+
+class Bench:
+    """One model under test: runs the rows of one shape (or real model) at one weight precision."""
+
+    def __init__(self, config: BenchConfig, model: PreTrainedModel, shape: str, device: torch.device,
+                 weight_bits: int):
         self.config, self.model, self.shape, self.device = config, model, shape, device
+        self.weight_bits = weight_bits
         self.weights = weight_bytes_read(model)
         self.kernels = KernelChoice(config.decode_kernel, config.streaming_kernel)
         self.pattern = head_pattern(model, config)
+        self.cache_name = cache_kwarg(model)
+
+    def row(self, kind: str, path: str, ratio: float, context: int, kv_bits: int = 16, **kw) -> Row:
+        return Row(kind, path, self.shape, ratio, context, kv_bits=kv_bits, weight_bits=self.weight_bits, **kw)
+
+    @contextmanager
+    def duo(self, ratio: float, kv_bits: int) -> Iterator[DuoAttentionHandle]:
+        c = self.config
+        with duo_attention(self.model, self.pattern, sparsity=1.0 - ratio, sink=c.sink, recent=c.recent,
+                           prefill_chunk_size=c.prefill_chunk, kv_bits=kv_bits, kernels=self.kernels,
+                           cuda_graphs=c.graph) as handle:
+            yield handle
 
     def bound_ms(self, kv_read: int) -> float:
         return (self.weights + kv_read) / self.config.bandwidth * 1e3
 
-    @contextmanager
-    def engine(self, ratio: float, compile_norms: bool = False) -> Iterator:
-        c = self.config
-        norms = "inductor" if compile_norms else None
-        with fast_duo_attention(self.model, self.pattern, sparsity=1.0 - ratio, sink=c.sink, recent=c.recent,
-                                compile_norms=norms) as engine:
-            yield engine
-
-    # ------------------------------------------------------------------------------------------------ decode
-    def decode(self, ratio: float, context: int) -> Row:
-        """Median ms/token of graph-replayed decode steps; if the graph or the Triton kernels fail, the row is
-        measured again without them and says why."""
-        row = self._decode(ratio, context, self.kernels, self.config.graph, self.config.compile)
-        if row.status == "error" and self.device.type == "cuda":
-            fallback = self._decode(ratio, context, KernelChoice("torch", self.config.streaming_kernel), False, "none")
-            fallback.note = f"fallback to eager torch kernels, no compile, after: {row.note}"
-            return fallback
-        return row
-
-    def _decode(self, ratio: float, context: int, kernels: KernelChoice, graph: bool, compile: str) -> Row:
-        c = self.config
-        row = Row("decode", path_name(ratio), self.shape, ratio, context, fill=c.decode_fill)
-        cache = runner = None
-        release(self.device)
-        reset_peak(self.device)
-        try:
-            with self.engine(ratio, compile_norms=compile == "norms") as engine:
-                cache = engine.new_cache(context + c.warmup + c.steps + 16, kernels=kernels)
-                self._fill(cache, context)
-                runner = DecodeRunner(self.model, cache, graph=graph and self.device.type == "cuda")
-                times = time_ms(runner.replay, self.device, c.warmup, c.steps)
-                row.ms_per_token, row.ms_spread = median(times), [min(times), max(times)]
-                row.kv_bytes, row.kv_read_bytes = cache.kv_bytes(), cache.kv_bytes_read(context)
-                row.kernels = {**cache.describe(), "cuda_graph": runner.graph is not None, "compile": compile}
-                if c.profile:
-                    row.profile = self._profile(runner)
-        except OOM as err:
-            row.status, row.note = "oom", str(err).split("\n")[0][:160]
-        except Exception as err:  # noqa: BLE001 - measured again without graph / Triton by decode()
-            row.status, row.note = "error", repr(err)[:300]
-        finally:
-            row.peak_bytes = peak_bytes(self.device)
-            del cache, runner
-            release(self.device)
-        self._finish(row)
-        return row
-
-    def _profile(self, runner: DecodeRunner) -> dict | None:
-        """Kernel time of graph replays, and of eager steps (the same kernels launched one by one)."""
-        replay = kernel_profile(runner.replay, self.device)
-        clock = runner.cache.clock
-        saved = clock.clone()
-
-        def eager() -> None:
-            with torch.no_grad():
-                _forward(self.model, runner.ids, runner.cache)
-            clock.copy_(saved)
-
-        # Wall time of the same step launched eagerly: the host-side cost that graph replay removes.
-        wall = median(time_ms(eager, self.device, warmup=1, iters=3))
-        return {"graph_replay": replay, "eager_step": kernel_profile(eager, self.device), "eager_step_wall_ms": wall}
-
-    def _fill(self, cache: StaticDuoCache, context: int) -> None:
-        if self.config.decode_fill == "random":
-            cache.fill_random(context, torch.Generator(device=self.device).manual_seed(self.config.seed))
-        else:
-            ids = random_ids(self.model, context, self.device, self.config.seed)
-            prefill(self.model, cache, ids, min(self.config.prefill_chunk, max(2, context)))
-
-    def _finish(self, row: Row) -> None:
+    def _finish(self, row: Row) -> Row:
         row.weight_read_bytes = self.weights
         if row.kv_read_bytes is not None and self.device.type == "cuda":  # a GPU memory-bandwidth bound
             row.bound_ms = self.bound_ms(row.kv_read_bytes)
+        return row
 
-    def stock_decode(self, context: int) -> Row:
-        """transformers' own path: the model's SDPA attention and a DynamicCache filled with random keys/values."""
+    def _generate(self, ids: torch.Tensor, new_tokens: int, cache=None, rewind: Callable[[], None] | None = None):
+        if rewind is not None:
+            rewind()
+        kwargs = {} if cache is None else {self.cache_name: cache}
+        with torch.inference_mode():
+            return self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy(new_tokens),
+                                       **kwargs)
+
+    def _decode_timing(self, row: Row, ids: torch.Tensor, cache, rewind: Callable[[], None]) -> None:
+        """Decode ms/token from two generate calls on the same filled cache (see the module docstring)."""
+        steps = self.config.steps
+        row.first_call_s = time_once_s(lambda: self._generate(ids, 2, cache, rewind), self.device)
+        short = time_once_s(lambda: self._generate(ids, 2, cache, rewind), self.device)
+        long = time_once_s(lambda: self._generate(ids, 2 + steps, cache, rewind), self.device)
+        row.ms_per_token = max(long - short, 0.0) / steps * 1e3
+
+    # ---------------------------------------------------------------------------------- generate: duo / full
+    def generate_decode(self, ratio: float, kv_bits: int, context: int) -> list[Row]:
+        """The ``generate`` row at ``context`` random tokens, and its ``step`` diagnostic row."""
         c = self.config
-        row = Row("decode", "stock", self.shape, 1.0, context, fill="random")
+        row = self.row("generate", path_name(ratio), ratio, context, kv_bits, fill="random")
+        rows = [row]
+        cache = None
+        release(self.device)
+        reset_peak(self.device)
+        try:
+            with self.duo(ratio, kv_bits) as handle:
+                cache = handle.new_cache(context + 3 * c.steps + 16, batch_size=1)
+                cache.fill_random(context, torch.Generator(device=self.device).manual_seed(c.seed))
+                ids = random_ids(self.model, context + 1, self.device, c.seed)
+                self._decode_timing(row, ids, cache, lambda: cache.set_length(context))
+                row.kv_bytes, row.kv_read_bytes = cache.kv_bytes(), cache.kv_bytes_read(context)
+                row.kernels = {**cache.describe(), "cuda_graph": cache in handle.graphs.steps,
+                               "graph_failure": handle.graphs.failed}
+                row.peak_bytes = peak_bytes(self.device)
+                if c.step_rows:
+                    rows.append(self._step_row(handle, cache, ratio, kv_bits, context))
+        except OOM as err:
+            row.status, row.note = "oom", str(err).split("\n")[0][:160]
+        finally:
+            if row.peak_bytes is None:
+                row.peak_bytes = peak_bytes(self.device)
+            del cache
+            release(self.device)
+        for r in rows:
+            self._finish(r)
+        return rows
+
+    def _step_row(self, handle: DuoAttentionHandle, cache: DuoCache, ratio: float, kv_bits: int,
+                  context: int) -> Row:
+        c = self.config
+        row = self.row("step", path_name(ratio), ratio, context, kv_bits, fill="random")
+        step = handle.graphs.steps.get(cache)
+        token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        if step is None:
+            row.note = "no CUDA graph: eager forward steps"
+
+            def run() -> None:
+                with torch.inference_mode():
+                    self.model(input_ids=token, use_cache=True, logits_to_keep=1, **{self.cache_name: cache})
+        else:
+            def run() -> None:
+                step(token)
+
+        cache.set_length(context)
+        times = time_ms(run, self.device, min(3, c.steps), c.steps)
+        row.ms_per_token, row.ms_spread = median(times), [min(times), max(times)]
+        row.kv_bytes, row.kv_read_bytes = cache.kv_bytes(), cache.kv_bytes_read(context)
+        if c.profile and step is not None:
+            cache.set_length(context)
+            row.profile = {"graph_replay": kernel_profile(run, self.device)}
+        cache.set_length(context)
+        return row
+
+    def generate_prefill(self, ratio: float, kv_bits: int, context: int) -> Row:
+        """``generate(max_new_tokens=1)`` on a ``context``-token prompt: prefill seconds and peak memory."""
+        c = self.config
+        chunk = min(c.prefill_chunk, context)
+        row = self.row("generate", path_name(ratio), ratio, context, kv_bits, fill="prefill",
+                       note=f"chunks of {chunk} tokens")
+        out = None
+        release(self.device)
+        try:
+            with self.duo(ratio, kv_bits):
+                # Warm-up at the same chunk size: compiles FlexAttention for these shapes, outside the timing.
+                self._generate(random_ids(self.model, min(2 * chunk, context), self.device, c.seed + 1), 1)
+                release(self.device)
+                reset_peak(self.device)
+                ids = random_ids(self.model, context, self.device, c.seed)
+                holder = {}
+                row.prefill_s = time_once_s(lambda: holder.update(out=self._prefill_call(ids)), self.device)
+                out = holder.pop("out")
+                row.kv_bytes = cache_kv_bytes(out)
+                row.kernels = out.describe()
+                failed = out.state.workspace.kernel.get("flex_failed")
+                if failed:
+                    row.note += f"; FlexAttention failed, used SDPA blocks: {failed}"
+        except OOM as err:
+            row.status, row.note = "oom", str(err).split("\n")[0][:160]
+        finally:
+            row.peak_bytes = peak_bytes(self.device)
+            del out
+            release(self.device)
+        return self._finish(row)
+
+    def _prefill_call(self, ids: torch.Tensor):
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=greedy(1, return_dict_in_generate=True))
+        return out[self.cache_name] if self.cache_name in out else out.past_key_values
+
+    # ------------------------------------------------------------------------------------------------- stock
+    def stock_decode(self, context: int) -> Row:
+        """transformers' own path: the unpatched model and a DynamicCache filled with random keys / values."""
+        c = self.config
+        row = self.row("generate", "stock", 1.0, context, fill="random")
         cfg = text_config(self.model)
         head_dim = model_head_dim(cfg)
         cache = None
@@ -152,120 +236,106 @@ class Bench:
             for layer in range(cfg.num_hidden_layers):
                 k = torch.empty(shape, dtype=self.model.dtype, device=self.device).normal_(generator=g)
                 cache.update(k, torch.empty_like(k).normal_(generator=g), layer)
-            ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-            kw = {cache_kwarg(self.model): cache, "use_cache": True, "logits_to_keep": 1}
-
-            def step() -> None:
-                with torch.no_grad():
-                    self.model(input_ids=ids, **kw)
-
-            times = time_ms(step, self.device, min(c.warmup, 3), min(c.steps, 10))
-            row.ms_per_token, row.ms_spread = median(times), [min(times), max(times)]
+            ids = random_ids(self.model, context + 1, self.device, c.seed)
+            self._decode_timing(row, ids, cache, lambda: rewind_dynamic(cache, context))
             row.kv_bytes = cache_kv_bytes(cache)
             row.kv_read_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * context * head_dim * \
                 self.model.dtype.itemsize
-            row.kernels = {"attention": "sdpa", "cache": "DynamicCache", "cuda_graph": False}
-            row.note = "steps grow the cache by concatenation, as transformers does"
+            row.kernels = {"attention": "sdpa", "cache": "DynamicCache"}
         except OOM as err:
             row.status, row.note = "oom", str(err).split("\n")[0][:160]
         finally:
             row.peak_bytes = peak_bytes(self.device)
             del cache
             release(self.device)
-        self._finish(row)
-        return row
+        return self._finish(row)
 
-    # ----------------------------------------------------------------------------------------------- prefill
-    def prefill(self, ratio: float, context: int) -> Row:
+    def stock_prefill(self, context: int) -> Row:
         c = self.config
         chunk = min(c.prefill_chunk, context)
-        row = Row("prefill", path_name(ratio), self.shape, ratio, context, note=f"chunks of {chunk} tokens")
-        cache = None
+        row = self.row("generate", "stock", 1.0, context, fill="prefill", note=f"chunks of {chunk} tokens")
         release(self.device)
         try:
-            with self.engine(ratio) as engine:
-                # Warm-up at the same chunk size: compiles FlexAttention for these shapes, outside the timing.
-                warm = engine.new_cache(2 * chunk, kernels=self.kernels)
-                prefill(self.model, warm, random_ids(self.model, 2 * chunk, self.device, c.seed + 1), chunk)
-                del warm
-                release(self.device)
-                reset_peak(self.device)
-                cache = engine.new_cache(context, kernels=self.kernels)
-                ids = random_ids(self.model, context, self.device, c.seed)
-                row.prefill_s = time_once_s(lambda: prefill(self.model, cache, ids, chunk), self.device)
-                row.kv_bytes = cache.kv_bytes()
-                row.kernels = cache.describe()
-                failed = cache.state.kernel_workspace.get("flex_failed")
-                if failed:
-                    row.note += f"; FlexAttention failed, used SDPA blocks: {failed}"
+            self._generate(random_ids(self.model, min(2 * chunk, context), self.device, c.seed + 1), 1)
+            release(self.device)
+            reset_peak(self.device)
+            ids = random_ids(self.model, context, self.device, c.seed)
+
+            def call() -> None:
+                with torch.inference_mode():
+                    self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                        generation_config=greedy(1, prefill_chunk_size=chunk))
+
+            row.prefill_s = time_once_s(call, self.device)
         except OOM as err:
             row.status, row.note = "oom", str(err).split("\n")[0][:160]
         finally:
             row.peak_bytes = peak_bytes(self.device)
-            del cache
             release(self.device)
-        row.weight_read_bytes = self.weights
-        return row
+        return self._finish(row)
 
     # ---------------------------------------------------------------------------------------- longest context
-    def max_context(self, ratio: float, tries: int = 8) -> Row:
-        """Largest context (a multiple of 64K tokens) whose cache fits and decodes, searched downward from an
-        estimate made from free memory; the row notes the smallest size that ran out of memory."""
-        row = Row("max_context", path_name(ratio), self.shape, ratio, 0, fill="random")
+    def max_context(self, ratio: float, kv_bits: int, tries: int = 8) -> Row:
+        """Largest context (a multiple of 64K tokens) whose cache fits and decodes 4 tokens through generate,
+        searched downward from the estimate of the KV-bytes formula; the row notes the size that ran out."""
+        row = self.row("max_context", path_name(ratio), ratio, 0, kv_bits, fill="random")
         if self.device.type != "cuda":
             row.status, row.note = "skipped", "needs a GPU"
             return row
-        with self.engine(ratio) as engine:
-            hkv, groups, head_dim = engine.geometry()
-            per_token = 2 * sum(engine.order.num_retrieval) * head_dim * self.model.dtype.itemsize
+        with self.duo(ratio, kv_bits) as handle:
+            per_token = handle.expected_kv_bytes(1 << 24) / (1 << 24)
             release(self.device)
-            free = torch.cuda.mem_get_info(self.device)[0]
-            step = 1 << 16
-            n = int((free - (3 << 30)) / per_token * 1.02) // step * step
+            free = torch.cuda.mem_get_info(self.device)[0] - int(self.config.reserve_gib * (1 << 30))
+            n = int(free / per_token) // CAPACITY_STEP * CAPACITY_STEP
             failed: int | None = None
             for _ in range(tries):
-                probe = self.decode_probe(engine, n)
+                if n < CAPACITY_STEP:
+                    break
+                probe = self._fits(handle, n)
                 if probe is not None:
-                    row.context, row.ms_per_token, row.peak_bytes, row.kv_bytes, row.kv_read_bytes = n, *probe
+                    row.context, row.peak_bytes, row.kv_bytes = n, *probe
                     break
                 failed = n
-                n = int(n * 0.98) // step * step
+                n = int(n * 0.97) // CAPACITY_STEP * CAPACITY_STEP
         if row.context == 0:
             row.status, row.note = "oom", f"no size down to {n} tokens fitted"
         else:
-            row.note = f"out of memory at {failed} tokens" if failed else "largest size tried"
-        self._finish(row)
-        return row
+            row.note = (f"out of memory at {failed} tokens" if failed else "the first estimate fitted") + \
+                f"; formula estimate {int(free / per_token)} tokens"
+        return self._finish(row)
 
-    def decode_probe(self, engine, n: int) -> tuple[float, int, int, int] | None:
-        """(ms/token, peak bytes, kv bytes, kv bytes read) of a few graph-replayed steps at ``n`` tokens, or None if
-        it runs out of memory."""
-        cache = runner = None
+    def _fits(self, handle: DuoAttentionHandle, n: int) -> tuple[int, int] | None:
+        cache = ids = None
         release(self.device)
         reset_peak(self.device)
         try:
-            cache = engine.new_cache(n + 16, kernels=self.kernels)
-            cache.fill_random(n, torch.Generator(device=self.device).manual_seed(self.config.seed))
-            runner = DecodeRunner(self.model, cache, graph=self.config.graph)
-            ms = median(time_ms(runner.replay, self.device, 2, 8))
-            return ms, peak_bytes(self.device), cache.kv_bytes(), cache.kv_bytes_read(n)
+            cache = handle.new_cache(n + 8, batch_size=1)
+            cache.fill_random(n)
+            ids = random_ids(self.model, n + 1, self.device, self.config.seed)
+            self._generate(ids, 4, cache)
+            return peak_bytes(self.device), cache.kv_bytes()
         except OOM:
             return None
         finally:
-            del cache, runner
+            del cache, ids
+            handle.graphs.steps.clear()
             release(self.device)
 
 
 def models_under_test(
     config: BenchConfig, device: torch.device, dtype: torch.dtype
-) -> Iterator[tuple[str, PreTrainedModel]]:
-    if config.model is not None:
-        model, _ = load_model(config.model, dtype=dtype, device=device)
-        yield config.model, model
-        return
-    for shape in config.shapes:
-        release(device)
-        yield shape, build_random_model(shape, device, dtype, seed=config.seed)
+) -> Iterator[tuple[str, int, PreTrainedModel]]:
+    for bits in config.weight_bits:
+        if config.model is not None:
+            model, _ = load_model(config.model, dtype=dtype, device=device, weight_bits=bits)
+            yield config.model, bits, model
+            continue
+        for shape in config.shapes:
+            release(device)
+            model = build_random_model(shape, device, dtype, seed=config.seed)
+            if bits == 8:
+                quantize_linear_weights(model)
+            yield shape, bits, model
 
 
 def run_rows(config: BenchConfig, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
@@ -274,20 +344,30 @@ def run_rows(config: BenchConfig, on_row: Callable[[list[Row]], None] | None = N
     device = torch.device(config.device or default_device())
     dtype = getattr(torch, config.dtype)
     rows: list[Row] = []
-    for shape, model in models_under_test(config, device, dtype):
-        bench = Bench(config, model, shape, device)
-        jobs = [("stock", 1.0, n) for n in config.stock_contexts]
-        jobs += [("decode", r, n) for r in config.ratios for n in config.contexts]
-        jobs += [("prefill", r, n) for r in config.ratios for n in config.prefill_contexts]
-        jobs += [("max_context", r, 0) for r in config.max_context_ratios]
-        run = {"stock": lambda r, n: bench.stock_decode(n), "decode": bench.decode, "prefill": bench.prefill,
-               "max_context": lambda r, n: bench.max_context(r)}
-        for kind, ratio, n in tqdm(jobs, desc=f"bench {shape}", unit="row"):
+    for shape, bits, model in models_under_test(config, device, dtype):
+        bench = Bench(config, model, shape, device, bits)
+        jobs: list[tuple[str, float, int, int]] = []
+        if config.stock and bits == 16:
+            jobs += [("stock", 1.0, 16, n) for n in config.contexts]
+            jobs += [("stock-prefill", 1.0, 16, n) for n in config.prefill_contexts]
+        jobs += [("decode", r, b, n) for r, b in config.settings() for n in config.contexts]
+        jobs += [("prefill", r, b, n) for r, b in config.settings() for n in config.prefill_contexts]
+        if config.capacity:
+            jobs += [("max_context", r, b, 0) for r, b in config.settings()]
+        run = {
+            "stock": lambda r, b, n: [bench.stock_decode(n)],
+            "stock-prefill": lambda r, b, n: [bench.stock_prefill(n)],
+            "decode": bench.generate_decode,
+            "prefill": lambda r, b, n: [bench.generate_prefill(r, b, n)],
+            "max_context": lambda r, b, n: [bench.max_context(r, b)],
+        }
+        for kind, ratio, kv_bits, n in tqdm(jobs, desc=f"bench {shape} w{bits}", unit="row"):
             try:
-                rows.append(run[kind](ratio, n))
+                rows.extend(run[kind](ratio, kv_bits, n))
             except Exception as err:  # noqa: BLE001 - one broken row must not lose the others' measurements
-                path = "stock" if kind == "stock" else path_name(ratio)
-                rows.append(Row(kind, path, shape, ratio, n, status="error", note=repr(err)[:300]))
+                path = "stock" if kind.startswith("stock") else path_name(ratio)
+                rows.append(Row("max_context" if kind == "max_context" else "generate", path, shape, ratio, n,
+                                kv_bits=kv_bits, weight_bits=bits, status="error", note=repr(err)[:300]))
                 release(device)
             if on_row is not None:
                 on_row(rows)
