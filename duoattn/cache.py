@@ -112,6 +112,12 @@ class DuoLayer(CacheLayerMixin):
 
     # -------------------------------------------------------------------------------------------- allocation
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Normal tensors even when the first forward runs under inference_mode: the cache outlives that call and
+        # is updated in place later (a continued generate, a benchmark rewinding it).
+        with torch.inference_mode(False):
+            self._allocate(key_states)
+
+    def _allocate(self, key_states: torch.Tensor) -> None:
         s = self.state
         bsz, hkv, _, d = key_states.shape
         if hkv != self.roles.num_kv_heads:

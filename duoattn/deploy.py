@@ -271,7 +271,11 @@ def _install(model: PreTrainedModel, handle: DuoAttentionHandle) -> None:
                 if new is None:
                     new = kwargs.get("max_length", gen_config.max_length) - request[1]
                 kwargs[name] = handle.new_cache(max_len=request[1] + max(int(new), 1))
-        if handle.prefill_chunk_size is not None and kwargs.get("prefill_chunk_size") is None:
+        cache = kwargs.get(name, kwargs.get("past_key_values"))
+        continuing = isinstance(cache, DuoCache) and cache.length() > 0
+        # A prompt that continues a filled cache is not chunked by default: transformers releases differ in how
+        # they chunk around a non-empty cache.
+        if handle.prefill_chunk_size is not None and kwargs.get("prefill_chunk_size") is None and not continuing:
             if kwargs.get("generation_config") is not None:  # one source of settings, as generate asks
                 if kwargs["generation_config"].prefill_chunk_size is None:
                     kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])

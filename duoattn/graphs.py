@@ -28,7 +28,8 @@ class GraphStep:
     def __init__(self, model: nn.Module, cache: DuoCache, cache_name: str, warmup: int = 2):
         self.model, self.cache, self.cache_name = model, cache, cache_name
         state = cache.state
-        self.ids = torch.zeros(state.batch_size, 1, dtype=torch.long, device=state.device)
+        with torch.inference_mode(False):  # the graph's input buffer outlives the call that captured it
+            self.ids = torch.zeros(state.batch_size, 1, dtype=torch.long, device=state.device)
         self.output: Any = None
         self.graph = torch.cuda.CUDAGraph()
         self._capture(warmup)

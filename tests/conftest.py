@@ -1,8 +1,9 @@
 """Shared fixtures and helpers: tiny random models built in-process (nothing is downloaded), the dense oracle as an
-attention function, and the embedded SmolLM2."""
+attention function on the unpatched model, and the embedded SmolLM2."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,14 +15,15 @@ if not torch.cuda.is_available():
     # imports triton (transformers does), since triton.language's own helpers are defined at that moment.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
-from duoattn import duo_attention  # noqa: E402
 from duoattn.kernels.reference import reference_attention  # noqa: E402
-from duoattn.patch import ATTN_NAME, ROLES_ATTR, cache_kwarg, duo_mask  # noqa: E402
+from duoattn.deploy import cache_kwarg  # noqa: E402
+from duoattn.quant.kv import dequantize, quantize  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, max_position_embeddings=4096)
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -105,35 +107,78 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def dense_reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention function for the oracle: explicit per-head masks over the whole (uncached) sequence.
-
-    A local layer of window W (no roles) is every head streaming with sink 0 and recent W.
-    """
-    roles = getattr(module, ROLES_ATTR, None)
-    softcap = kwargs.get("softcap")
-    if roles is None:
-        no_retrieval = torch.zeros(key.shape[1], dtype=torch.bool)
-        out = reference_attention(
-            query, key, value, no_retrieval, 0, kwargs["sliding_window"], scale=scaling, softcap=softcap
-        )
-    else:
-        out = reference_attention(
-            query, key, value, roles.retrieval, roles.sink, roles.recent, scale=scaling, softcap=softcap
-        )
-    return out.transpose(1, 2), None
+def local_windows(model) -> list[int | None]:
+    """Per layer, the sliding window of a local layer, None for a full-attention layer, read from the config as
+    transformers does (``layer_types``, else one ``sliding_window`` for every layer); a window at least as long as
+    the model's context never binds."""
+    cfg = model.config.get_text_config(decoder=True)
+    n, window = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ["full_attention" if window is None else "sliding_attention"] * n
+    binds = window is not None and window < cfg.max_position_embeddings
+    return [window if t == "sliding_attention" and binds else None for t in types[:n]]
 
 
-def reference_logits(model, pattern, ids, **kwargs):
-    """Logits of the whole sequence with explicit per-head masks (no cache)."""
-    AttentionInterface.register("duoref", dense_reference_forward)
-    AttentionMaskInterface.register("duoref", duo_mask)
-    with duo_attention(model, pattern, **kwargs):
-        model.set_attn_implementation("duoref")
-        try:
+def roles_table(model, pattern, sparsity=None) -> np.ndarray:
+    """Bool ``[layers, kv_heads]`` in the model's original head order, True = retrieval, computed here from the
+    gates (not with duoattn's binarisation): threshold 0.5, or the ``round(sparsity * n)`` lowest gates of the
+    full-attention layers streaming, ties broken by (layer, head) order. Rows of local layers are all True."""
+    gates = np.asarray(pattern.gates, dtype=float)
+    duo = [i for i, w in enumerate(local_windows(model)) if w is None]
+    table = np.ones(gates.shape, dtype=bool)
+    if sparsity is None:
+        for i in duo:
+            table[i] = gates[i] >= 0.5
+        return table
+    heads = sorted((gates[i, h], i, h) for i in duo for h in range(gates.shape[1]))
+    for _, i, h in heads[: int(math.floor(sparsity * len(heads) + 0.5))]:
+        table[i, h] = False
+    return table
+
+
+def oracle_attention(table, sink, recent, windows, kv_quant=None):
+    """An attention function for the UNPATCHED model: explicit per-head masks over the whole (uncached) sequence,
+    head roles looked up by ``module.layer_idx`` in ``table`` (original head order). A local layer of window W is
+    every head streaming with sink 0 and recent W. With ``kv_quant``, the retrieval heads' keys and values go
+    through a quantise / dequantise round trip (each token on its own, as the cache stores them)."""
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        i, softcap = module.layer_idx, kwargs.get("softcap")
+        if windows[i] is not None:
+            assert kwargs.get("sliding_window") == windows[i], (i, kwargs.get("sliding_window"))
+            none = torch.zeros(key.shape[1], dtype=torch.bool)
+            out = reference_attention(query, key, value, none, 0, windows[i], scale=scaling, softcap=softcap)
+            return out.transpose(1, 2), None
+        retrieval = torch.from_numpy(table[i].copy())
+        if kv_quant is not None:
+            ret = retrieval.to(key.device)[None, :, None, None]
+            key = torch.where(ret, dequantize(quantize(key, kv_quant), key.dtype), key)
+            value = torch.where(ret, dequantize(quantize(value, kv_quant), value.dtype), value)
+        out = reference_attention(query, key, value, retrieval, sink, recent, scale=scaling, softcap=softcap)
+        return out.transpose(1, 2), None
+
+    return forward
+
+
+def no_mask(*args, **kwargs):
+    return None
+
+
+def reference_logits(model, pattern, ids, sparsity=None, sink=None, recent=None, kv_quant=None, table=None):
+    """Logits of the whole sequence on the unpatched model (DuoAttention not enabled) with explicit per-head masks
+    (no cache). ``table`` overrides the roles computed by :func:`roles_table`."""
+    assert getattr(model, "_duoattn_handle", None) is None, "the oracle runs on the model without DuoAttention"
+    table = roles_table(model, pattern, sparsity) if table is None else np.asarray(table, dtype=bool)
+    sink = pattern.sink if sink is None else sink
+    recent = pattern.recent if recent is None else recent
+    AttentionInterface.register("duoref", oracle_attention(table, sink, recent, local_windows(model), kv_quant))
+    AttentionMaskInterface.register("duoref", no_mask)
+    previous = model.config.get_text_config(decoder=True)._attn_implementation
+    model.set_attn_implementation("duoref")
+    try:
+        with torch.no_grad():
             return model(ids, use_cache=False).logits
-        finally:
-            model.set_attn_implementation(ATTN_NAME)
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def run_chunks(model, ids, cache, sizes):

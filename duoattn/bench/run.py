@@ -112,7 +112,7 @@ class Bench:
         if rewind is not None:
             rewind()
         kwargs = {} if cache is None else {self.cache_name: cache}
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy(new_tokens),
                                        **kwargs)
 
@@ -166,7 +166,7 @@ class Bench:
             row.note = "no CUDA graph: eager forward steps"
 
             def run() -> None:
-                with torch.inference_mode():
+                with torch.no_grad():
                     self.model(input_ids=token, use_cache=True, logits_to_keep=1, **{self.cache_name: cache})
         else:
             def run() -> None:
@@ -214,7 +214,7 @@ class Bench:
         return self._finish(row)
 
     def _prefill_call(self, ids: torch.Tensor):
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       generation_config=greedy(1, return_dict_in_generate=True))
         return out[self.cache_name] if self.cache_name in out else out.past_key_values
@@ -262,7 +262,7 @@ class Bench:
             ids = random_ids(self.model, context, self.device, c.seed)
 
             def call() -> None:
-                with torch.inference_mode():
+                with torch.no_grad():
                     self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                         generation_config=greedy(1, prefill_chunk_size=chunk))
 

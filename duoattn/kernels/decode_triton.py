@@ -63,7 +63,8 @@ def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr
     """Online softmax of queries ``q [GP, D]`` over keys ``lo..hi-1``; scores in the log2 domain."""
     n_off = tl.arange(0, BLOCK)
     d = tl.arange(0, D)
-    for start in range(lo, hi, BLOCK):
+    start = lo
+    while start < hi:  # a while loop: the interpreter (NumPy 2.4) cannot take a runtime range bound
         n = start + n_off
         valid = n < hi
         k = tl.load(K + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
@@ -76,6 +77,7 @@ def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
+        start += BLOCK
     return acc, m, l
 
 
@@ -187,33 +189,121 @@ def _dequant(base_s, base_z, offs_n, grp_e, grp_o, stride_t, mask_n, lo, hi):
 
 @triton.jit
 def _attend_range_quant(acc_e, acc_o, m, l, q_e, q_o, KD, KS, KZ, VD, VS, VZ, s_kt, s_kst, s_vt, s_vst, lo, hi,
-                        qk_scale, BLOCK: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
-    """Online softmax (log2 domain) of query halves ``q_e, q_o [GP, D/2]`` over quantised keys ``lo..hi-1``."""
+                        qk_scale, BLOCK: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Online softmax (log2 domain) of query halves ``q_e, q_o [GP, D/2]`` (float32) over quantised keys
+    ``lo..hi-1``.
+
+    With one scale per vector (``GROUP == D``) nothing is dequantised: ``q . (c s + z) = s (q . c) + z sum(q)`` and
+    ``sum_n p_n (c_n s_n + z_n) = (p s) . c + p . z``, so the dots run on the integer codes (exact in 16-bit floats)
+    on tensor cores, in the query's dtype. Smaller groups dequantise each tile in registers.
+    """
     n_off = tl.arange(0, BLOCK)
     i = tl.arange(0, HALF_D)
     grp_e = (2 * i) // GROUP
     grp_o = (2 * i + 1) // GROUP
+    dot_type = q_e.dtype if PRECISION == "ieee" else tl.bfloat16
+    q_sum = tl.sum(q_e, 1) + tl.sum(q_o, 1)
+    qe = q_e.to(dot_type)
+    qo = q_o.to(dot_type)
     # A while loop: the interpreter (under NumPy 2.4) cannot take a runtime range bound. A non-empty range starts
     # with a valid key, so m is finite after the first tile.
     n0 = lo
     while n0 < hi:
         n = n0 + n_off
         valid = n < hi
+        rows = n.to(tl.int64)
         lo_c, hi_c = _load_halves(KD, n, i, s_kt, valid, BITS)
-        k_e, k_o = _dequant(KS, KZ, n, grp_e, grp_o, s_kst, valid, lo_c, hi_c)
-        s = tl.dot(q_e, tl.trans(k_e), input_precision="ieee") + tl.dot(q_o, tl.trans(k_o), input_precision="ieee")
+        if GROUP == 2 * HALF_D:
+            ks = tl.load(KS + rows * s_kst, mask=valid, other=0).to(tl.float32)
+            kz = tl.load(KZ + rows * s_kst, mask=valid, other=0).to(tl.float32)
+            qc = tl.dot(qe, tl.trans(lo_c.to(dot_type)), input_precision=PRECISION)
+            qc += tl.dot(qo, tl.trans(hi_c.to(dot_type)), input_precision=PRECISION)
+            s = qc * ks[None, :] + q_sum[:, None] * kz[None, :]
+        else:
+            k_e, k_o = _dequant(KS, KZ, n, grp_e, grp_o, s_kst, valid, lo_c, hi_c)
+            s = tl.dot(q_e, tl.trans(k_e), input_precision="ieee")
+            s += tl.dot(q_o, tl.trans(k_o), input_precision="ieee")
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         lo_c, hi_c = _load_halves(VD, n, i, s_vt, valid, BITS)
-        v_e, v_o = _dequant(VS, VZ, n, grp_e, grp_o, s_vst, valid, lo_c, hi_c)
-        acc_e = acc_e * alpha[:, None] + tl.dot(p, v_e, input_precision="ieee")
-        acc_o = acc_o * alpha[:, None] + tl.dot(p, v_o, input_precision="ieee")
+        if GROUP == 2 * HALF_D:
+            vs = tl.load(VS + rows * s_vst, mask=valid, other=0).to(tl.float32)
+            vz = tl.load(VZ + rows * s_vst, mask=valid, other=0).to(tl.float32)
+            pw = (p * vs[None, :]).to(dot_type)
+            pz = tl.sum(p * vz[None, :], 1)
+            acc_e = acc_e * alpha[:, None] + tl.dot(pw, lo_c.to(dot_type), input_precision=PRECISION) + pz[:, None]
+            acc_o = acc_o * alpha[:, None] + tl.dot(pw, hi_c.to(dot_type), input_precision=PRECISION) + pz[:, None]
+        else:
+            v_e, v_o = _dequant(VS, VZ, n, grp_e, grp_o, s_vst, valid, lo_c, hi_c)
+            acc_e = acc_e * alpha[:, None] + tl.dot(p, v_e, input_precision="ieee")
+            acc_o = acc_o * alpha[:, None] + tl.dot(p, v_o, input_precision="ieee")
         m = m_new
         n0 += BLOCK
     return acc_e, acc_o, m, l
+
+
+@triton.jit
+def _append_quant_kernel(
+    K_NEW, V_NEW, KD, KS, KZ, VD, VS, VZ, RK, RV, CLOCK,
+    s_kb, s_kh, s_vb, s_vh,
+    s_qb, s_qh, s_qt, s_sb, s_sh, s_st,
+    s_rb, s_rh, s_rt,
+    n_ret, sink, recent,
+    HALF_D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, ROUND_UP_16: tl.constexpr,
+):
+    """One token: retrieval heads quantised (duoattn.quant.kv.quantize, one launch for keys and values), streaming
+    heads into the ring. Group minima / maxima come from the even / odd channel halves."""
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    pos = tl.load(CLOCK).to(tl.int64) - 1
+    i = tl.arange(0, HALF_D)
+    if h < n_ret:
+        for which in tl.static_range(2):
+            src = K_NEW + b * s_kb + h * s_kh if which == 0 else V_NEW + b * s_vb + h * s_vh
+            data = KD if which == 0 else VD
+            scale_p = KS if which == 0 else VS
+            zero_p = KZ if which == 0 else VZ
+            x_e = tl.load(src + 2 * i)
+            x_o = tl.load(src + 2 * i + 1)
+            NG: tl.constexpr = 2 * HALF_D // GROUP
+            ge = tl.reshape(x_e.to(tl.float32), [NG, GROUP // 2])
+            go = tl.reshape(x_o.to(tl.float32), [NG, GROUP // 2])
+            lo = tl.minimum(tl.min(ge, 1), tl.min(go, 1))  # [NG]
+            hi = tl.maximum(tl.max(ge, 1), tl.max(go, 1))
+            step = (hi - lo) / (2**BITS - 1)
+            stored = step.to(x_e.dtype)
+            if ROUND_UP_16:  # round the scale up to the storage dtype, so codes never overflow
+                below = stored.to(tl.float32) < step
+                bumped = (stored.to(tl.int16, bitcast=True) + 1).to(x_e.dtype, bitcast=True)
+                stored = tl.where(below, bumped, stored)
+            z = lo.to(x_e.dtype)
+            sf = stored.to(tl.float32)
+            div = tl.where(sf == 0, 1.0, sf)
+            ce = tl.reshape(tl.floor((ge - lo[:, None]) / div[:, None] + 0.5), [HALF_D])
+            co = tl.reshape(tl.floor((go - lo[:, None]) / div[:, None] + 0.5), [HALF_D])
+            ce = tl.minimum(tl.maximum(ce, 0.0), 2**BITS - 1).to(tl.uint8)
+            co = tl.minimum(tl.maximum(co, 0.0), 2**BITS - 1).to(tl.uint8)
+            row = data + b * s_qb + h * s_qh + pos * s_qt
+            if BITS == 4:
+                tl.store(row + i, ce | (co << 4))
+            else:
+                tl.store(row + 2 * i, ce)
+                tl.store(row + 2 * i + 1, co)
+            g = tl.arange(0, NG)
+            srow = b * s_sb + h * s_sh + pos * s_st
+            tl.store(scale_p + srow + g, stored)
+            tl.store(zero_p + srow + g, z)
+    else:
+        # duoattn.layout.ring_slot
+        slot = tl.where(pos < sink, pos, sink + (pos - sink) % recent)
+        off = b * s_rb + (h - n_ret) * s_rh + slot * s_rt
+        d = tl.arange(0, 2 * HALF_D)
+        tl.store(RK + off + d, tl.load(K_NEW + b * s_kb + h * s_kh + d))
+        tl.store(RV + off + d, tl.load(V_NEW + b * s_vb + h * s_vh + d))
 
 
 @triton.jit
@@ -254,7 +344,7 @@ def _decode_quant_kernel(
             acc_e, acc_o, m, l, q_e, q_o,
             KD + b * s_kb + h * s_kh, KS + b * s_ksb + h * s_ksh, KZ + b * s_ksb + h * s_ksh,
             VD + b * s_vb + h * s_vh, VS + b * s_vsb + h * s_vsh, VZ + b * s_vsb + h * s_vsh,
-            s_kt, s_kst, s_vt, s_vst, lo, hi, qk_scale, BLOCK, HALF_D, GROUP, BITS,
+            s_kt, s_kst, s_vt, s_vst, lo, hi, qk_scale, BLOCK, HALF_D, GROUP, BITS, PRECISION,
         )
         has = l > 0
         l_safe = tl.where(has, l, 1.0)
@@ -425,7 +515,40 @@ def decode_attention_quant(
         n_ret, cap, scale * LOG2E,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, HALF_D=d // 2, GROUP=full_k.group_size,
         BITS=full_k.bits, BLOCK=block, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )
     _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)
+
+
+def quant_append_supported(head_dim: int, group: int) -> bool:
+    """Whether :func:`append_token_quant` takes this geometry (powers of two, groups of at least two channels)."""
+    pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
+    return pow2(head_dim) and head_dim >= 32 and pow2(group) and group >= 2
+
+
+def append_token_quant(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_k: QuantizedKV,
+    full_v: QuantizedKV,
+    ring_k: torch.Tensor | None,
+    ring_v: torch.Tensor | None,
+    clock: torch.Tensor,
+    sink: int,
+    recent: int,
+) -> None:
+    """:func:`append_token` for a quantised retrieval cache: one launch quantises and stores the token."""
+    bsz, hkv, _, d = k.shape
+    n_ret = full_k.data.shape[1]
+    rk, rv = (ring_k, ring_v) if ring_k is not None else (k, v)  # never written without streaming heads
+    rs = (rk.stride(0), rk.stride(1), rk.stride(2)) if ring_k is not None else (0, 0, 0)
+    kd, ks = full_k.data, full_k.scale
+    _append_quant_kernel[(hkv, bsz)](
+        k, v, kd, ks, full_k.zero, full_v.data, full_v.scale, full_v.zero, rk, rv, clock,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kd.stride(0), kd.stride(1), kd.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        *rs,
+        n_ret, sink, recent,
+        HALF_D=d // 2, GROUP=full_k.group_size, BITS=full_k.bits, ROUND_UP_16=k.element_size() == 2,
+    )

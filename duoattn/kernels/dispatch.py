@@ -99,6 +99,7 @@ class Workspace:
     scratch_v: torch.Tensor | None = None
     kernel: dict[str, Any] = field(default_factory=dict)
 
+    @torch.inference_mode(False)
     def reserve_decode(self, batch: int, rows: int, splits: int, heads: int, head_dim: int, dtype: torch.dtype,
                        device: torch.device) -> None:
         """Room for ``rows`` retrieval query heads x ``splits`` partial results, and a ``[B, 1, heads, D]`` output."""
@@ -112,6 +113,7 @@ class Workspace:
         self.partial_out = torch.empty(batch, rows, splits, head_dim, dtype=torch.float32, device=device)
         self.partial_lse = torch.empty(batch, rows, splits, dtype=torch.float32, device=device)
 
+    @torch.inference_mode(False)
     def scratch(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Streaming scratch ``[B, heads, length, D]`` (views of one buffer grown on demand)."""
@@ -150,6 +152,9 @@ def append_token(
     quantized = isinstance(full_k, QuantizedKV)
     if kernels.decode == "triton" and not quantized:
         decode_triton.append_token(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
+        return
+    if kernels.decode == "triton" and decode_triton.quant_append_supported(k.shape[-1], full_k.group_size):
+        decode_triton.append_token_quant(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
         return
     from ..layout import ring_slot
 
