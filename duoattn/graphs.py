@@ -23,16 +23,27 @@ _DERIVED = {"input_ids", "attention_mask", "position_ids", "cache_position", "us
 
 
 class GraphStep:
-    """One captured decode step over one cache."""
+    """One captured decode step over one cache.
+
+    It holds the cache only weakly (the graphs are kept per cache and dropped with it) and returns an output whose
+    logits are a static buffer, overwritten by the next step.
+    """
 
     def __init__(self, model: nn.Module, cache: DuoCache, cache_name: str, warmup: int = 2):
-        self.model, self.cache, self.cache_name = model, cache, cache_name
+        self.model, self.cache_name = model, cache_name
+        self._cache = weakref.ref(cache)
         state = cache.state
         with torch.inference_mode(False):  # the graph's input buffer outlives the call that captured it
             self.ids = torch.zeros(state.batch_size, 1, dtype=torch.long, device=state.device)
-        self.output: Any = None
         self.graph = torch.cuda.CUDAGraph()
         self._capture(warmup)
+
+    @property
+    def cache(self) -> DuoCache:
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("the cache of this captured decode step is gone")
+        return cache
 
     def _forward(self) -> Any:
         return self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache})
@@ -51,7 +62,11 @@ class GraphStep:
                     state.length = length
             torch.cuda.current_stream(state.device).wait_stream(stream)
             with torch.cuda.graph(self.graph, stream=stream):
-                self.output = self._forward()
+                output = self._forward()
+            # Keep the static logits, not the output object: it refers to the cache.
+            self.output_type = type(output)
+            self.fields = {k: v for k, v in output.items() if not isinstance(v, DuoCache)}
+            self.cache_fields = [k for k, v in output.items() if isinstance(v, DuoCache)]
         finally:  # the captured step ran once on the host side only: the cache is as before
             torch.cuda.current_stream(state.device).wait_stream(stream)
             state.clock.copy_(clock)
@@ -65,7 +80,7 @@ class GraphStep:
         self.ids.copy_(input_ids, non_blocking=True)
         self.graph.replay()
         state.length += 1
-        return self.output
+        return self.output_type(**self.fields, **{k: self.cache for k in self.cache_fields})
 
 
 class DecodeGraphs:

@@ -21,6 +21,8 @@ once stays valid while the sequence grows. The grid is fixed; each split covers 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,7 @@ import triton.language as tl
 from ..quant.kv import QuantizedKV
 
 LOG2E = 1.4426950408889634
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -58,26 +61,35 @@ def _append_kernel(
 
 
 @triton.jit
-def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr, D: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Online softmax of queries ``q [GP, D]`` over keys ``lo..hi-1``; scores in the log2 domain."""
-    n_off = tl.arange(0, BLOCK)
+def _attend_tile(acc, m, l, q, K, V, s_t, start, hi, qk_scale, BLOCK: tl.constexpr, D: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    n = start + tl.arange(0, BLOCK)
     d = tl.arange(0, D)
-    start = lo
-    while start < hi:  # a while loop: the interpreter (NumPy 2.4) cannot take a runtime range bound
-        n = start + n_off
-        valid = n < hi
-        k = tl.load(K + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
-        start += BLOCK
+    valid = n < hi
+    k = tl.load(K + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V + n[:, None] * s_t + d[None, :], mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
+def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr, D: tl.constexpr,
+                  PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Online softmax of queries ``q [GP, D]`` over keys ``lo..hi-1``; scores in the log2 domain."""
+    if INTERPRETED:  # the interpreter (under NumPy 2.4) cannot take a runtime range bound
+        start = lo
+        while start < hi:
+            acc, m, l = _attend_tile(acc, m, l, q, K, V, s_t, start, hi, qk_scale, BLOCK, D, PRECISION)
+            start += BLOCK
+    else:  # scf.for: software-pipelined loads (a while loop is not)
+        for start in range(lo, hi, BLOCK):
+            acc, m, l = _attend_tile(acc, m, l, q, K, V, s_t, start, hi, qk_scale, BLOCK, D, PRECISION)
     return acc, m, l
 
 
@@ -92,7 +104,7 @@ def _decode_kernel(
     s_lb, s_lh,
     n_ret, cap, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -113,7 +125,7 @@ def _decode_kernel(
         hi = tl.minimum(lo + per, length)
         acc, m, l = _attend_range(
             acc, m, l, q, FK + b * s_fb + h * s_fh, FV + b * s_fb + h * s_fh, s_ft, lo, hi, qk_scale,
-            BLOCK, D, PRECISION,
+            BLOCK, D, PRECISION, INTERPRETED,
         )
         has = l > 0  # an empty split contributes nothing to the merge
         l_safe = tl.where(has, l, 1.0)
@@ -129,7 +141,7 @@ def _decode_kernel(
         n = tl.minimum(length, cap)
         acc, m, l = _attend_range(
             acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale,
-            BLOCK, D, PRECISION,
+            BLOCK, D, PRECISION, INTERPRETED,
         )
         o = acc / l[:, None]
         tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
@@ -169,9 +181,14 @@ def _load_halves(base, offs_n, offs_i, stride_t, mask_n, BITS: tl.constexpr):
         packed = tl.load(rows + offs_i[None, :], mask=mask_n[:, None], other=0)
         lo = (packed & 15).to(tl.float32)
         hi = (packed >> 4).to(tl.float32)
-    else:
-        lo = tl.load(rows + 2 * offs_i[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
-        hi = tl.load(rows + 2 * offs_i[None, :] + 1, mask=mask_n[:, None], other=0).to(tl.float32)
+    else:  # one coalesced load of whole rows, then split into even / odd channels in registers
+        HALF_D: tl.constexpr = offs_i.shape[0]
+        d = tl.arange(0, 2 * HALF_D)
+        codes = tl.load(rows + d[None, :], mask=mask_n[:, None], other=0)
+        pairs = tl.reshape(codes, [codes.shape[0], HALF_D, 2])
+        lo, hi = tl.split(pairs)
+        lo = lo.to(tl.float32)
+        hi = hi.to(tl.float32)
     return lo, hi
 
 
@@ -188,61 +205,73 @@ def _dequant(base_s, base_z, offs_n, grp_e, grp_o, stride_t, mask_n, lo, hi):
 
 
 @triton.jit
+def _attend_tile_quant(acc_e, acc_o, m, l, qe, qo, q_e, q_o, q_sum, KD, KS, KZ, VD, VS, VZ, s_kt, s_kst, s_vt,
+                       s_vst, n0, hi, qk_scale, BLOCK: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr,
+                       BITS: tl.constexpr, PRECISION: tl.constexpr):
+    i = tl.arange(0, HALF_D)
+    n = n0 + tl.arange(0, BLOCK)
+    valid = n < hi
+    rows = n.to(tl.int64)
+    dot_type = qe.dtype
+    lo_c, hi_c = _load_halves(KD, n, i, s_kt, valid, BITS)
+    if GROUP == 2 * HALF_D:
+        ks = tl.load(KS + rows * s_kst, mask=valid, other=0).to(tl.float32)
+        kz = tl.load(KZ + rows * s_kst, mask=valid, other=0).to(tl.float32)
+        qc = tl.dot(qe, tl.trans(lo_c.to(dot_type)), input_precision=PRECISION)
+        qc += tl.dot(qo, tl.trans(hi_c.to(dot_type)), input_precision=PRECISION)
+        s = qc * ks[None, :] + q_sum[:, None] * kz[None, :]
+    else:
+        k_e, k_o = _dequant(KS, KZ, n, (2 * i) // GROUP, (2 * i + 1) // GROUP, s_kst, valid, lo_c, hi_c)
+        s = tl.dot(q_e, tl.trans(k_e), input_precision="ieee")
+        s += tl.dot(q_o, tl.trans(k_o), input_precision="ieee")
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    lo_c, hi_c = _load_halves(VD, n, i, s_vt, valid, BITS)
+    if GROUP == 2 * HALF_D:
+        vs = tl.load(VS + rows * s_vst, mask=valid, other=0).to(tl.float32)
+        vz = tl.load(VZ + rows * s_vst, mask=valid, other=0).to(tl.float32)
+        pw = (p * vs[None, :]).to(dot_type)
+        pz = tl.sum(p * vz[None, :], 1)
+        acc_e = acc_e * alpha[:, None] + tl.dot(pw, lo_c.to(dot_type), input_precision=PRECISION) + pz[:, None]
+        acc_o = acc_o * alpha[:, None] + tl.dot(pw, hi_c.to(dot_type), input_precision=PRECISION) + pz[:, None]
+    else:
+        v_e, v_o = _dequant(VS, VZ, n, (2 * i) // GROUP, (2 * i + 1) // GROUP, s_vst, valid, lo_c, hi_c)
+        acc_e = acc_e * alpha[:, None] + tl.dot(p, v_e, input_precision="ieee")
+        acc_o = acc_o * alpha[:, None] + tl.dot(p, v_o, input_precision="ieee")
+    return acc_e, acc_o, m_new, l
+
+
+@triton.jit
 def _attend_range_quant(acc_e, acc_o, m, l, q_e, q_o, KD, KS, KZ, VD, VS, VZ, s_kt, s_kst, s_vt, s_vst, lo, hi,
                         qk_scale, BLOCK: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Online softmax (log2 domain) of query halves ``q_e, q_o [GP, D/2]`` (float32) over quantised keys
     ``lo..hi-1``.
 
     With one scale per vector (``GROUP == D``) nothing is dequantised: ``q . (c s + z) = s (q . c) + z sum(q)`` and
-    ``sum_n p_n (c_n s_n + z_n) = (p s) . c + p . z``, so the dots run on the integer codes (exact in 16-bit floats)
-    on tensor cores, in the query's dtype. Smaller groups dequantise each tile in registers.
+    ``sum_n p_n (c_n s_n + z_n) = (p s) . c + p . z``, so the dots run on the integer codes (exact in bfloat16) on
+    tensor cores. Smaller groups dequantise each tile in registers. A non-empty range starts with a valid key, so
+    ``m`` is finite after the first tile.
     """
-    n_off = tl.arange(0, BLOCK)
-    i = tl.arange(0, HALF_D)
-    grp_e = (2 * i) // GROUP
-    grp_o = (2 * i + 1) // GROUP
     dot_type = q_e.dtype if PRECISION == "ieee" else tl.bfloat16
     q_sum = tl.sum(q_e, 1) + tl.sum(q_o, 1)
     qe = q_e.to(dot_type)
     qo = q_o.to(dot_type)
-    # A while loop: the interpreter (under NumPy 2.4) cannot take a runtime range bound. A non-empty range starts
-    # with a valid key, so m is finite after the first tile.
-    n0 = lo
-    while n0 < hi:
-        n = n0 + n_off
-        valid = n < hi
-        rows = n.to(tl.int64)
-        lo_c, hi_c = _load_halves(KD, n, i, s_kt, valid, BITS)
-        if GROUP == 2 * HALF_D:
-            ks = tl.load(KS + rows * s_kst, mask=valid, other=0).to(tl.float32)
-            kz = tl.load(KZ + rows * s_kst, mask=valid, other=0).to(tl.float32)
-            qc = tl.dot(qe, tl.trans(lo_c.to(dot_type)), input_precision=PRECISION)
-            qc += tl.dot(qo, tl.trans(hi_c.to(dot_type)), input_precision=PRECISION)
-            s = qc * ks[None, :] + q_sum[:, None] * kz[None, :]
-        else:
-            k_e, k_o = _dequant(KS, KZ, n, grp_e, grp_o, s_kst, valid, lo_c, hi_c)
-            s = tl.dot(q_e, tl.trans(k_e), input_precision="ieee")
-            s += tl.dot(q_o, tl.trans(k_o), input_precision="ieee")
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        lo_c, hi_c = _load_halves(VD, n, i, s_vt, valid, BITS)
-        if GROUP == 2 * HALF_D:
-            vs = tl.load(VS + rows * s_vst, mask=valid, other=0).to(tl.float32)
-            vz = tl.load(VZ + rows * s_vst, mask=valid, other=0).to(tl.float32)
-            pw = (p * vs[None, :]).to(dot_type)
-            pz = tl.sum(p * vz[None, :], 1)
-            acc_e = acc_e * alpha[:, None] + tl.dot(pw, lo_c.to(dot_type), input_precision=PRECISION) + pz[:, None]
-            acc_o = acc_o * alpha[:, None] + tl.dot(pw, hi_c.to(dot_type), input_precision=PRECISION) + pz[:, None]
-        else:
-            v_e, v_o = _dequant(VS, VZ, n, grp_e, grp_o, s_vst, valid, lo_c, hi_c)
-            acc_e = acc_e * alpha[:, None] + tl.dot(p, v_e, input_precision="ieee")
-            acc_o = acc_o * alpha[:, None] + tl.dot(p, v_o, input_precision="ieee")
-        m = m_new
-        n0 += BLOCK
+    if INTERPRETED:  # the interpreter (under NumPy 2.4) cannot take a runtime range bound
+        n0 = lo
+        while n0 < hi:
+            acc_e, acc_o, m, l = _attend_tile_quant(acc_e, acc_o, m, l, qe, qo, q_e, q_o, q_sum, KD, KS, KZ, VD, VS,
+                                                    VZ, s_kt, s_kst, s_vt, s_vst, n0, hi, qk_scale, BLOCK, HALF_D,
+                                                    GROUP, BITS, PRECISION)
+            n0 += BLOCK
+    else:
+        for n0 in range(lo, hi, BLOCK):
+            acc_e, acc_o, m, l = _attend_tile_quant(acc_e, acc_o, m, l, qe, qo, q_e, q_o, q_sum, KD, KS, KZ, VD, VS,
+                                                    VZ, s_kt, s_kst, s_vt, s_vst, n0, hi, qk_scale, BLOCK, HALF_D,
+                                                    GROUP, BITS, PRECISION)
     return acc_e, acc_o, m, l
 
 
@@ -261,6 +290,7 @@ def _append_quant_kernel(
     b = tl.program_id(1).to(tl.int64)
     pos = tl.load(CLOCK).to(tl.int64) - 1
     i = tl.arange(0, HALF_D)
+    NG: tl.constexpr = 2 * HALF_D // GROUP
     if h < n_ret:
         for which in tl.static_range(2):
             src = K_NEW + b * s_kb + h * s_kh if which == 0 else V_NEW + b * s_vb + h * s_vh
@@ -269,7 +299,6 @@ def _append_quant_kernel(
             zero_p = KZ if which == 0 else VZ
             x_e = tl.load(src + 2 * i)
             x_o = tl.load(src + 2 * i + 1)
-            NG: tl.constexpr = 2 * HALF_D // GROUP
             ge = tl.reshape(x_e.to(tl.float32), [NG, GROUP // 2])
             go = tl.reshape(x_o.to(tl.float32), [NG, GROUP // 2])
             lo = tl.minimum(tl.min(ge, 1), tl.min(go, 1))  # [NG]
@@ -319,6 +348,7 @@ def _decode_quant_kernel(
     n_ret, cap, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr,
     BITS: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -344,7 +374,7 @@ def _decode_quant_kernel(
             acc_e, acc_o, m, l, q_e, q_o,
             KD + b * s_kb + h * s_kh, KS + b * s_ksb + h * s_ksh, KZ + b * s_ksb + h * s_ksh,
             VD + b * s_vb + h * s_vh, VS + b * s_vsb + h * s_vsh, VZ + b * s_vsb + h * s_vsh,
-            s_kt, s_kst, s_vt, s_vst, lo, hi, qk_scale, BLOCK, HALF_D, GROUP, BITS, PRECISION,
+            s_kt, s_kst, s_vt, s_vst, lo, hi, qk_scale, BLOCK, HALF_D, GROUP, BITS, PRECISION, INTERPRETED,
         )
         has = l > 0
         l_safe = tl.where(has, l, 1.0)
@@ -364,7 +394,7 @@ def _decode_quant_kernel(
         n = tl.minimum(length, cap)
         acc, m, l = _attend_range(
             acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale,
-            BLOCK, D, PRECISION,
+            BLOCK, D, PRECISION, INTERPRETED,
         )
         o = acc / l[:, None]
         tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
@@ -404,14 +434,15 @@ def append_token(
 
 
 def default_splits(batch: int, n_ret: int, max_len: int, block: int) -> int:
-    """Splits per retrieval KV head: enough programs to fill the GPU (about four per multiprocessor)."""
+    """Splits per retrieval KV head: enough programs to fill the GPU (at least four per multiprocessor), and for long
+    caches about one split per 2K tokens (each program then streams a few dozen tiles), up to 4096."""
     if n_ret == 0:
         return 1
     sms = 8  # the interpreter's stand-in
     if torch.cuda.is_available():
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    want = triton.cdiv(4 * sms, batch * n_ret)
-    return max(1, min(triton.next_power_of_2(want), 256, triton.next_power_of_2(triton.cdiv(max_len, block))))
+    want = max(triton.cdiv(4 * sms, batch * n_ret), triton.cdiv(max_len, 2048))
+    return max(1, min(triton.next_power_of_2(want), 4096, triton.next_power_of_2(triton.cdiv(max_len, block))))
 
 
 def decode_attention(
@@ -459,7 +490,7 @@ def decode_attention(
         n_ret, cap, scale * LOG2E,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else None,  # float32 caches (tests): no tf32 rounding
-        num_warps=4, num_stages=3,
+        INTERPRETED=INTERPRETED, num_warps=4, num_stages=3,
     )
     if n_ret:
         _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)
@@ -516,7 +547,7 @@ def decode_attention_quant(
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, HALF_D=d // 2, GROUP=full_k.group_size,
         BITS=full_k.bits, BLOCK=block, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        INTERPRETED=INTERPRETED, num_warps=4, num_stages=2,
     )
     _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)
 
