@@ -5,7 +5,7 @@ tokens. The split is real: streaming-head memory is never allocated.
 
     >>> from duoattn import load_model, HeadPattern, duo_attention
     >>> model, tokenizer = load_model()                      # the embedded SmolLM2-135M-Instruct
-    >>> pattern = HeadPattern.load("patterns/SmolLM2-135M-Instruct")
+    >>> pattern = HeadPattern.from_pretrained("SmolLM2-135M-Instruct")
     >>> with duo_attention(model, pattern, sparsity=0.5):     # half the KV heads become streaming
     ...     out = model.generate(**tokenizer("...", return_tensors="pt"), max_new_tokens=32)
 """

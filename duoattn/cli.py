@@ -43,7 +43,8 @@ def _fraction(text: str) -> float:
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="passkey retrieval: full attention vs DuoAttention vs StreamingLLM")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--pattern", default=None, help="pattern directory (default: the shipped SmolLM2 pattern)")
+    p.add_argument("--pattern", default=None, help="pattern directory, name or Hub repo id "
+                   "(default: the shipped SmolLM2 pattern)")
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of streaming heads (default 0.5)")
     p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=3, help="prompts per length")
@@ -77,7 +78,8 @@ def _add_eval_common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--out", default=f"runs/eval-{task}", help=f"output directory (default runs/eval-{task}); "
                    "rerunning with the same settings continues an interrupted run")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--pattern", default=None, help="pattern directory for 'duo' (default: the shipped one, if any)")
+    p.add_argument("--pattern", default=None, help="pattern directory, name or Hub repo id for "
+                   "'duo' (default: the shipped one, if any)")
     p.add_argument("--methods", default="full,duo,streaming",
                    help="comma-separated: full, duo, streaming, random (default full,duo,streaming)")
     p.add_argument("--sparsity", type=_floats, default=[0.5],
