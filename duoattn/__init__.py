@@ -14,6 +14,7 @@ from .cache import DuoCache, DuoLayer
 from .models import load_model
 from .patch import DuoAttentionHandle, disable_duo_attention, duo_attention, enable_duo_attention
 from .pattern import HeadPattern
+from .pipelines import DuoPipeline, pipeline
 
 __version__ = "0.1.0"
 
@@ -21,9 +22,11 @@ __all__ = [
     "DuoAttentionHandle",
     "DuoCache",
     "DuoLayer",
+    "DuoPipeline",
     "HeadPattern",
     "disable_duo_attention",
     "duo_attention",
     "enable_duo_attention",
     "load_model",
+    "pipeline",
 ]
