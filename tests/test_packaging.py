@@ -1,4 +1,5 @@
-"""The wheel is complete: it carries the shipped patterns, and the installed package finds them from any directory."""
+"""The wheel is complete: it carries the shipped patterns, and the installed package (its demo and eval defaults
+included) finds them from any directory."""
 
 from __future__ import annotations
 
@@ -56,10 +57,12 @@ def test_the_installed_wheel_finds_its_patterns_outside_the_repository(wheel, tm
     code = (
         "import duoattn; from duoattn import HeadPattern; from duoattn.shipped import shipped_pattern_dir\n"
         "p = HeadPattern.from_pretrained('SmolLM2-135M-Instruct')\n"
-        "print(duoattn.__file__); print(shipped_pattern_dir('SmolLM2-135M-Instruct')); print(p.shape)"
+        "from duoattn.eval.harness import EvalConfig\n"
+        "print(duoattn.__file__); print(shipped_pattern_dir('SmolLM2-135M-Instruct')); print(p.shape)\n"
+        "print(EvalConfig(out_dir='runs/x').pattern_dir())"  # the default of duoattn eval
     )
     env["PYTHONPATH"] = str(site)  # the installed copy only: not the worktree, not the editable install
     out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, check=True, capture_output=True,
                          text=True).stdout.splitlines()
-    assert Path(out[0]).is_relative_to(site) and Path(out[1]).is_relative_to(site)
+    assert all(Path(line).is_relative_to(site) for line in (out[0], out[1], out[3]))
     assert out[2] == "(30, 3)"

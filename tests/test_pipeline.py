@@ -39,23 +39,24 @@ def setup():
     return model, word_tokenizer(), pattern
 
 
-def separate_answer(model, tok, pattern, prompt: str, max_new_tokens: int) -> str:
+def separate_answer(model, tok, pattern, prompt: str, max_new_tokens: int, kv_bits: int = 16) -> str:
     """The reference: one plain generate call over the whole prompt, under the same DuoAttention settings."""
     ids = tok(prompt, return_tensors="pt").input_ids
-    with duo_attention(model, pattern, sparsity=0.5), torch.inference_mode():
+    with duo_attention(model, pattern, sparsity=0.5, kv_bits=kv_bits), torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def test_answers_over_one_context_equal_separate_generate_calls(setup):
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_answers_over_one_context_equal_separate_generate_calls(setup, kv_bits):
     model, tok, pattern = setup
-    pipe = DuoPipeline(model, tok, pattern, sparsity=0.5)
+    pipe = DuoPipeline(model, tok, pattern, sparsity=0.5, kv_bits=kv_bits)
     context = words(0, 60)  # longer than sink + recent: streaming heads really evict
     questions = [words(1, 5), words(2, 3), words(3, 7)]
     answers = pipe(context=context, question=questions, max_new_tokens=8)
     expected = [
-        separate_answer(model, tok, pattern, f"<user> {context}\n\n{q} <bot>", 8) for q in questions
+        separate_answer(model, tok, pattern, f"<user> {context}\n\n{q} <bot>", 8, kv_bits) for q in questions
     ]
     assert answers == expected
     assert len(set(answers)) > 1 and all(a for a in answers)  # the questions lead to different answers
