@@ -159,8 +159,11 @@ class DuoPipeline:
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": _SLOT}], add_generation_prompt=True, tokenize=False
         )
-        before, after = text.split(_SLOT)
-        return before, after
+        pieces = text.split(_SLOT)
+        if len(pieces) != 2:
+            raise ValueError("the tokenizer's chat template does not write the user message exactly once; "
+                             "use chat_template=False (--no-chat-template)")
+        return pieces[0], pieces[1]
 
     def encode(self, context: str, questions: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the context part and of each question part; context + question is the whole prompt.
