@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tempfile
 import urllib.error
@@ -225,6 +226,30 @@ def kv_fraction(pattern: HeadPattern, sparsity: float, tokens: int) -> float:
     return (retrieval * tokens + streaming * min(tokens, pattern.sink + pattern.recent)) / (roles.size * tokens)
 
 
+# duoattn identify's flags, by the config.json key that records each one's value (see duoattn/identify/run.py).
+_IDENTIFY_FLAGS = (
+    ("steps", "--steps"), ("min_len", "--min-len"), ("max_len", "--max-len"), ("num_passkeys", "--num-passkeys"),
+    ("passkey_words", "--passkey-words"), ("lr", "--lr"), ("reg", "--reg"), ("sink_size", "--sink"),
+    ("recent_size", "--recent"), ("device", "--device"), ("dtype", "--dtype"), ("seed", "--seed"),
+    ("save_every", "--save-every"),
+)
+
+
+def identify_command(pattern: HeadPattern) -> str | None:
+    """The ``duoattn identify`` command equivalent to the settings a pattern records; None if it records none."""
+    recorded = {**pattern.metadata, "sink_size": pattern.sink, "recent_size": pattern.recent}
+    if not all(key in recorded for key in ("steps", "reg", "num_passkeys")):  # not made by duoattn identify
+        return None
+    parts = ["duoattn", "identify"]
+    model = recorded.get("model")
+    if model and model != EMBEDDED_NAME:
+        parts += ["--model", str(model)]
+    parts += [str(item) for key, flag in _IDENTIFY_FLAGS if key in recorded for item in (flag, recorded[key])]
+    if recorded.get("haystack"):
+        parts += ["--haystack", *map(str, recorded["haystack"])]
+    return shlex.join(parts + ["--out", "DIR"])
+
+
 def _load_line(name: str | None) -> str:
     if name == EMBEDDED_NAME:
         return "model, tokenizer = load_model()   # the embedded SmolLM2-135M-Instruct"
@@ -236,6 +261,7 @@ def model_card(pattern: HeadPattern, model: str | None = None, command: str | No
     """The README.md of a pattern: the model, how to use it, memory per budget and the command that made it."""
     name = _model_name(pattern, model)
     command = command or pattern.metadata.get("command")
+    rebuilt = None if command else identify_command(pattern)
     heads = pattern.num_layers * pattern.num_kv_heads
     at_threshold = 1.0 - float(pattern.binarize().mean())
     header = ["---", "library_name: duoattn", "tags:", "- duoattention", "- kv-cache", "- long-context"]
@@ -284,6 +310,8 @@ def model_card(pattern: HeadPattern, model: str | None = None, command: str | No
     ]
     if command:
         lines += ["```bash", command, "```"]
+    elif rebuilt:
+        lines += [f"The settings recorded in {CONFIG_FILE}, as a command:", "", "```bash", rebuilt, "```"]
     else:
         lines.append("The command was not recorded.")
     settings = {k: pattern.metadata[k] for k in ("steps", "num_steps", "lr", "reg", "reg_weight", "min_len",

@@ -7,6 +7,7 @@ Published patterns are served by an HTTP server on 127.0.0.1 made by the test; H
 from __future__ import annotations
 
 import http.server
+import shlex
 import shutil
 import threading
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from huggingface_hub import constants
 from test_published_patterns import published_gates, write_published
 
-from duoattn import HeadPattern, hub
+from duoattn import HeadPattern, cli, hub
 from duoattn.shipped import PATTERNS_DIR
 
 
@@ -202,3 +203,19 @@ def test_push_to_hub_uploads_what_from_pretrained_reads(monkeypatch, tmp_path):
     assert calls == [("init", "t"), ("create", "alice/p", True), ("upload", "alice/p")]
     np.testing.assert_array_equal(HeadPattern.from_pretrained(tmp_path / "uploaded").gates, pattern.gates)
     assert "HeadPattern.from_pretrained('alice/p')" in (tmp_path / "uploaded" / "README.md").read_text()
+
+
+def test_the_model_card_of_an_identified_pattern_rebuilds_its_command(tmp_path):
+    pattern = HeadPattern.from_pretrained("SmolLM2-135M-Instruct")  # made by duoattn identify
+    command = hub.identify_command(pattern)
+    # argparse is the reference: the command parses back to the settings the pattern records
+    args = cli.build_parser().parse_args(shlex.split(command)[1:])
+    md = pattern.metadata
+    assert (args.command, args.model, args.out) == ("identify", None, "DIR")
+    assert (args.steps, args.min_len, args.max_len, args.lr, args.reg) == (
+        md["steps"], md["min_len"], md["max_len"], md["lr"], md["reg"])
+    assert (args.sink, args.recent, args.device, args.dtype, args.seed) == (64, 256, "cuda", "float32", md["seed"])
+    card = (pattern.save_pretrained(tmp_path / "p") / "README.md").read_text()
+    assert f"```bash\n{command}\n```" in card
+    assert "load_model()   # the embedded" in card
+    assert hub.identify_command(HeadPattern.uniform(2, 2)) is None
