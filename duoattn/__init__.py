@@ -5,7 +5,7 @@ tokens. The split is real: streaming-head memory is never allocated.
 
     >>> from duoattn import load_model, HeadPattern, duo_attention
     >>> model, tokenizer = load_model()                      # the embedded SmolLM2-135M-Instruct
-    >>> pattern = HeadPattern.load("patterns/SmolLM2-135M-Instruct")
+    >>> pattern = HeadPattern.from_pretrained("SmolLM2-135M-Instruct")
     >>> with duo_attention(model, pattern, sparsity=0.5):     # half the KV heads become streaming
     ...     out = model.generate(**tokenizer("...", return_tensors="pt"), max_new_tokens=32)
 """
@@ -14,6 +14,7 @@ from .cache import DuoCache, DuoLayer
 from .models import load_model
 from .deploy import DuoAttentionHandle, disable_duo_attention, duo_attention, enable_duo_attention
 from .pattern import HeadPattern
+from .pipelines import DuoPipeline, pipeline
 
 __version__ = "0.1.0"
 
@@ -21,9 +22,11 @@ __all__ = [
     "DuoAttentionHandle",
     "DuoCache",
     "DuoLayer",
+    "DuoPipeline",
     "HeadPattern",
     "disable_duo_attention",
     "duo_attention",
     "enable_duo_attention",
     "load_model",
+    "pipeline",
 ]

@@ -43,7 +43,8 @@ def _fraction(text: str) -> float:
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="passkey retrieval: full attention vs DuoAttention vs StreamingLLM")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--pattern", default=None, help="pattern directory (default: the shipped SmolLM2 pattern)")
+    p.add_argument("--pattern", default=None, help="pattern directory, name or Hub repo id "
+                   "(default: the shipped SmolLM2 pattern)")
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of streaming heads (default 0.5)")
     p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=3, help="prompts per length")
@@ -72,12 +73,66 @@ def run_demo(args: argparse.Namespace) -> None:
     )
 
 
+# ----------------------------------------------------------------------------------------------- generate
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer a question about long documents under DuoAttention, streamed")
+    p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--pattern", default=None,
+                   help="pattern directory, name or Hub repo id (default: the embedded model's shipped pattern)")
+    p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of streaming KV heads (default 0.5)")
+    p.add_argument("--kv-bits", type=int, default=16, choices=[16, 8, 4], help="retrieval-cache precision")
+    p.add_argument("--file", dest="files", nargs="+", action="extend", default=[], metavar="DOC",
+                   help="documents to read (several allowed; - reads stdin)")
+    ask = p.add_mutually_exclusive_group()
+    ask.add_argument("--question", default=None, help="a question about the documents")
+    ask.add_argument("--prompt", default=None, help="text put after the documents as it is")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--sink", type=int, default=None, help="streaming sink tokens (default: the pattern's)")
+    p.add_argument("--recent", type=int, default=None, help="streaming recent tokens (default: the pattern's)")
+    p.add_argument("--prefill-chunk-size", type=int, default=2048, help="tokens per prefill step (default 2048)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="torch dtype (default: float32 on CPU, bfloat16 on GPU)")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from .generate import GenerateConfig
+    from .generate import run_generate as generate
+
+    generate(
+        GenerateConfig(
+            model=args.model,
+            pattern=args.pattern,
+            sparsity=args.sparsity,
+            kv_bits=args.kv_bits,
+            files=args.files,
+            prompt=args.prompt,
+            question=args.question,
+            chat_template=args.chat_template,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            sink=args.sink,
+            recent=args.recent,
+            prefill_chunk_size=args.prefill_chunk_size,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    )
+
+
 # --------------------------------------------------------------------------------------------------- eval
 def _add_eval_common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--out", default=f"runs/eval-{task}", help=f"output directory (default runs/eval-{task}); "
                    "rerunning with the same settings continues an interrupted run")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--pattern", default=None, help="pattern directory for 'duo' (default: the shipped one, if any)")
+    p.add_argument("--pattern", default=None, help="pattern directory, name or Hub repo id for "
+                   "'duo' (default: the shipped one, if any)")
     p.add_argument("--methods", default="full,duo,streaming",
                    help="comma-separated: full, duo, streaming, random (default full,duo,streaming)")
     p.add_argument("--sparsity", type=_floats, default=[0.5],
@@ -289,6 +344,7 @@ def run_identify(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
+    "generate": (add_generate, run_generate),
     "identify": (add_identify, run_identify),
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),

@@ -21,7 +21,8 @@ class DemoConfig:
 
     Attributes:
         model: a Hugging Face id, directory or ``.gguf`` file; None for the embedded SmolLM2-135M-Instruct.
-        pattern: a pattern directory; None for the pattern shipped for the embedded model.
+        pattern: a pattern directory, name or Hub repo id (``HeadPattern.from_pretrained``); None for the pattern
+            shipped for the embedded model.
         sparsity: fraction of streaming heads for DuoAttention.
         lengths: prompt lengths in tokens.
         samples: prompts per length (passkey depths spread evenly over the context).
@@ -48,8 +49,7 @@ class DemoRow:
 
 def run_demo(config: DemoConfig) -> list[DemoRow]:
     model, tokenizer = load_model(config.model, device=config.device)
-    pattern_dir = config.pattern or shipped_pattern_dir(EMBEDDED_NAME)
-    pattern = HeadPattern.load(pattern_dir)
+    pattern = HeadPattern.from_pretrained(config.pattern or shipped_pattern_dir(EMBEDDED_NAME))
     sink = pattern.sink if config.sink is None else config.sink
     recent = pattern.recent if config.recent is None else config.recent
     methods = [Method("full"), Method("duo", config.sparsity), Method("streaming")]

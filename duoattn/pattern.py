@@ -126,6 +126,36 @@ class HeadPattern:
         atomic_write_text(directory / GATES_FILE, "\n".join(rows) + "\n")
         return directory
 
+    # ------------------------------------------------------------------------------------- names and the Hub
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str], revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> HeadPattern:
+        """A pattern by shipped name, published name, local directory or Hugging Face Hub repo id (``duoattn.hub``)."""
+        from .hub import resolve_pattern_dir  # duoattn.hub imports this module
+
+        return cls.load(resolve_pattern_dir(name_or_path, revision=revision, cache_dir=cache_dir))
+
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], model: str | None = None, command: str | None = None
+    ) -> Path:
+        """:meth:`save` plus a README.md model card naming ``model``, budgets and the ``command`` that made it."""
+        from .hub import write_model_card
+
+        self.save(directory)
+        write_model_card(self, directory, model, command)
+        return Path(directory)
+
+    def push_to_hub(self, repo_id: str, model: str | None = None, command: str | None = None, **kwargs: Any) -> Any:
+        """Upload the pattern and its model card to the Hub model repo ``repo_id`` (created if needed).
+
+        ``kwargs``: ``private``, ``token``, ``revision``, ``commit_message`` (see ``duoattn.hub.push_pattern``).
+        """
+        from .hub import push_pattern
+
+        return push_pattern(self, repo_id, model=model, command=command, **kwargs)
+
     # ------------------------------------------------------------------------------------------ properties
     @property
     def num_layers(self) -> int:

@@ -1,19 +1,25 @@
-"""Patterns shipped with the package, in ``patterns/<model name>/`` at the repository root."""
+"""Patterns shipped inside the package, in ``duoattn/patterns/<model name>/`` (package data of the wheel)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PATTERNS_DIR = Path(__file__).resolve().parent.parent / "patterns"
+PATTERNS_DIR = Path(__file__).resolve().parent / "patterns"
+
+
+def shipped_names() -> list[str]:
+    """Names of the shipped patterns (each a directory holding ``full_attention_heads.tsv``)."""
+    if not PATTERNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PATTERNS_DIR.iterdir() if (p / "full_attention_heads.tsv").is_file())
 
 
 def shipped_pattern_dir(model_name: str) -> Path:
     """The directory of the pattern shipped for ``model_name``; a clear error if there is none."""
     path = PATTERNS_DIR / model_name
     if not (path / "full_attention_heads.tsv").is_file():
-        available = sorted(p.name for p in PATTERNS_DIR.iterdir() if p.is_dir()) if PATTERNS_DIR.is_dir() else []
         raise FileNotFoundError(
-            f"no pattern shipped for {model_name!r} (shipped: {', '.join(available) or 'none'}); "
+            f"no pattern shipped for {model_name!r} (shipped: {', '.join(shipped_names()) or 'none'}); "
             "pass a pattern directory (--pattern DIR) or make one with `duoattn identify`"
         )
     return path

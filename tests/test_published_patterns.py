@@ -1,4 +1,4 @@
-"""Patterns in the exact format published with the original implementation, and the patterns/ index."""
+"""Patterns in the exact format published with the original implementation, and the index of shipped patterns (duoattn/patterns/)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,6 @@ def test_every_shipped_pattern_is_indexed_and_loads():
     index = (PATTERNS_DIR / "README.md").read_text(encoding="utf-8")
     shipped = sorted(p for p in PATTERNS_DIR.iterdir() if p.is_dir())
     for directory in shipped:
-        assert f"`{directory.name}`" in index, f"patterns/README.md does not list {directory.name}"
+        assert f"`{directory.name}`" in index, f"duoattn/patterns/README.md does not list {directory.name}"
         pattern = HeadPattern.load(directory)
         assert pattern.num_layers > 0 and 0 <= pattern.gates.min() <= pattern.gates.max() <= 1

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..hub import resolve_pattern_dir
 from ..models import EMBEDDED_NAME, default_device, load_model, load_tokenizer
 from ..pattern import HeadPattern
 from ..shipped import PATTERNS_DIR
@@ -41,7 +42,8 @@ class EvalConfig:
     Attributes:
         out_dir: the run's directory; rerunning with the same config continues an interrupted run.
         model: HF id, directory or ``.gguf``; None for the embedded SmolLM2-135M-Instruct.
-        pattern: the learned pattern (``duo`` needs it); None: the pattern shipped for the embedded model, if any.
+        pattern: the learned pattern (``duo`` needs it): a directory, a shipped or published name or a Hub repo id
+            (see ``HeadPattern.from_pretrained``); None: the pattern shipped for the embedded model, if any.
         methods: comma-separated kinds among full, duo, streaming, random.
         sparsities: fractions of streaming heads for ``duo`` and ``random`` (several make a budget sweep).
         random_seeds: seeds of the random-heads baseline, per sparsity.
@@ -90,7 +92,7 @@ class EvalConfig:
 
     def pattern_dir(self) -> Path | None:
         if self.pattern is not None:
-            return Path(self.pattern)
+            return resolve_pattern_dir(self.pattern)
         shipped = PATTERNS_DIR / EMBEDDED_NAME
         return shipped if self.model is None and (shipped / "full_attention_heads.tsv").is_file() else None
 
