@@ -209,13 +209,14 @@ def run_generate(
                         disable=len(ctx_ids) < PROGRESS_MIN_TOKENS)
         start = time.perf_counter()
         ids = torch.tensor([ctx_ids], device=model.device)
-        cache = prefill(model, handle, ids, config.prefill_chunk_size, on_chunk=progress.update)
+        cache = prefill(model, handle, ids, prompt_tokens + settings.max_new_tokens, config.prefill_chunk_size,
+                        on_chunk=progress.update)
         progress.close()
         new = pipe.continue_from(cache, ctx_ids, q_ids, settings, streamer=streamer)
     first = streamer.first if streamer.first is not None else time.perf_counter()
     decoded = streamer.tokens - 1  # the first new token closes the prefill
     speed = decoded / (streamer.last - first) if decoded > 0 and streamer.last > first else None
-    seen = cache.get_seq_length()
+    seen = cache.max_len  # the cache is sized for the prompt and the answer; full attention's would be too
     result = GenerateResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
         prompt_tokens=prompt_tokens,

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from .models import EMBEDDED_NAME, load_model, text_config
-from .patch import DuoAttentionHandle, cache_kwarg, duo_attention
+from .deploy import DuoAttentionHandle, cache_kwarg, duo_attention
 from .pattern import HeadPattern
 
 _SLOT = "\x00duoattn-context\x00"  # stands for the user message while splitting the chat template around it
@@ -85,15 +85,17 @@ def prefill(
     model: PreTrainedModel,
     handle: DuoAttentionHandle,
     ids: torch.Tensor,
+    max_len: int,
     chunk_size: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> Cache:
-    """Run ``ids [1, T]`` through the model into a fresh DuoAttention cache, ``chunk_size`` tokens per forward.
+    """Run ``ids [1, T]`` through the model into a fresh DuoAttention cache sized for ``max_len`` tokens (the
+    context, the longest question and its answer), ``chunk_size`` tokens per forward.
 
     ``on_chunk(n)`` is called after each forward with its number of tokens (for progress bars). Only the last
     position's logits are computed: a prefill needs the cache, not the logits.
     """
-    cache = handle.new_cache()
+    cache = handle.new_cache(max_len)
     total = ids.shape[1]
     step = total if chunk_size is None else chunk_size
     for start in range(0, total, max(step, 1)):
@@ -244,7 +246,9 @@ class DuoPipeline:
         answers = []
         with self.enabled() as handle:
             device = self.model.device
-            cache = prefill(self.model, handle, torch.tensor([ctx_ids], device=device), self.prefill_chunk_size)
+            max_len = len(ctx_ids) + max(len(p) for p in parts) + settings.max_new_tokens
+            cache = prefill(self.model, handle, torch.tensor([ctx_ids], device=device), max_len,
+                            self.prefill_chunk_size)
             for i, q_ids in enumerate(parts):
                 run_cache = cache if i == len(parts) - 1 else copy_cache(cache)
                 new = self.continue_from(run_cache, ctx_ids, q_ids, settings)

@@ -6,7 +6,7 @@
 set -euo pipefail
 ROOT=${1:?usage: $0 OUT_ROOT MODEL.gguf}
 MODEL=${2:?usage: $0 OUT_ROOT MODEL.gguf [PATTERN_DIR]}
-REPO_PATTERN=$(cd "$(dirname "$0")/.." && pwd)/patterns/SmolLM2-135M-Instruct
+REPO_PATTERN=$(cd "$(dirname "$0")/.." && pwd)/duoattn/patterns/SmolLM2-135M-Instruct
 PATTERN=${3:-$REPO_PATTERN}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
