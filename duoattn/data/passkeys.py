@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -108,9 +108,11 @@ class PasskeyDataset:
         text: the haystack; it must hold at least ``config.max_len`` tokens (no text is repeated in a sample).
         config: lengths, depths and passkey sizes.
         seed: sample ``k`` is a function of ``(seed, k)`` only.
+        fit_min_len: raise a ``min_len`` too short for the passkeys to the least they need (``self.config`` then
+            holds it) instead of refusing it.
     """
 
-    def __init__(self, tokenizer: Any, text: str, config: PasskeyConfig, seed: int):
+    def __init__(self, tokenizer: Any, text: str, config: PasskeyConfig, seed: int, fit_min_len: bool = False):
         self.config = config
         self.seed = int(seed)
         sentences = [s.strip() for s in split_sentences(text)]
@@ -136,6 +138,8 @@ class PasskeyDataset:
         self._needle_tails = _tokenize(tokenizer, [NEEDLE_TAIL.format(ordinal=o) for o in ords])
         self._questions = _tokenize(tokenizer, [QUESTION.format(ordinal=o) for o in ords])
         fixed = self.max_fixed_tokens()
+        if fit_min_len and config.min_len < 2 * fixed <= config.max_len:
+            self.config = config = replace(config, min_len=2 * fixed)
         if config.min_len < 2 * fixed:
             raise ValueError(
                 f"min_len={config.min_len} is too short: the introduction, {n} needles and {n} questions take up to "

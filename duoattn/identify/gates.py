@@ -4,18 +4,26 @@ Every attention layer of the model gets one gate per KV head, ``alpha`` in [0, 1
 their KV head. A training step runs two passes over one sample:
 
 * :func:`teacher_forward`: plain causal attention on every head, without autograd. Each layer's attention output,
-  keys and values are recorded.
+  and the keys and values the student pass takes from the teacher, are recorded.
 * :func:`student_forward`: each head's output is ``alpha * teacher_full + (1 - alpha) * streaming``, where
   ``teacher_full`` is the recorded teacher output of that layer and ``streaming`` is token-exact sink + recent
-  attention over the student's own queries and keys (block-wise, never a ``T x T`` mask).
+  attention over the student's own queries and keys (:mod:`.streaming`: block-wise on the CPU, FlexAttention on
+  CUDA; never a ``T x T`` or ``T x window`` matrix).
 
 Taking the full term from the teacher (as the original implementation does) means no backward pass ever goes
 through full attention. docs/identification.md weighs this against the paper's formula.
 
-A query at position ``i < sink + recent`` sees every earlier key under streaming attention too, so the student
-equals the teacher exactly at those positions, whatever the gates (and its gradient there is zero). The student
-pass therefore starts at ``start`` (at most ``sink + recent``) and takes the keys and values of the positions
-before it from the teacher: the result and its gradient are exactly those of a pass over the whole sequence.
+Where the student pass starts (:meth:`GateSet.student_start`). Two facts let it skip a prefix of the sample
+exactly, taking the keys and values of the skipped positions from the teacher:
+
+1. A query at position ``i < sink + recent`` sees every earlier key under streaming attention too, so the student
+   equals the teacher exactly at those positions, whatever the gates (and its gradient there is zero).
+2. Only the loss positions count. Up to the first gated layer the student computes what the teacher does (layer
+   0 reads the embeddings, local layers are not gated); a later layer's output at position ``p`` depends on the
+   previous layer's outputs at ``p - reach .. p`` only (``reach = recent - 1``, or ``window - 1`` in a local
+   layer). A student pass that starts at ``s`` with teacher keys before ``s`` is therefore exact from ``s`` plus
+   the reaches of the layers after the first gated one. With the loss at the end of a long sample (the
+   question-and-answer blocks), the student computes about ``L x recent`` positions plus the answers, not ``T``.
 
 Soft-capped models (Gemma 2) pass ``softcap`` to every kernel. Local sliding-window layers (Gemma 2/3, Mistral
 with a binding window) keep their window in both passes and are not gated: their gates stay at 1, take no part in
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,13 +45,31 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..kernels.attention import causal_attention, streaming_attention
+from ..kernels.attention import causal_attention
 from ..models import attention_modules, check_supported
 from ..attention import duo_mask
 from ..deploy import HANDLE_ATTR
+from .streaming import blocked_streaming_attention, flex_streaming_attention, resolve_kernel
 
 GATED_ATTN = "duoattn_gated"
 GATE_ATTR = "duo_gate"
+
+
+@dataclass
+class TeacherLayer:
+    """What the teacher pass keeps of one layer for the student pass.
+
+    ``full [B, T - full_from, Hq, D]``: the attention output at positions ``full_from..T-1``. ``k_sink, v_sink
+    [B, Hkv, n, D]``: the keys and values at ``0..n-1``. ``k_run, v_run``: those at ``run_from..run_from+m-1``.
+    """
+
+    full: torch.Tensor
+    full_from: int
+    k_sink: torch.Tensor
+    v_sink: torch.Tensor
+    k_run: torch.Tensor
+    v_run: torch.Tensor
+    run_from: int
 
 
 class GateSet:
@@ -51,15 +78,15 @@ class GateSet:
     Attributes:
         gates: float32 ``[num_layers, num_kv_heads]`` (an ``nn.Parameter`` during training).
         sink, recent: the streaming window of the student's heads.
+        kernel: the student's streaming kernel, ``blocks`` or ``flex`` (:mod:`.streaming`); ``auto`` picks by device.
         student: False during the teacher pass, True during the student pass.
         start: the first position the student pass computes.
-        full, keys, values: per layer, the teacher's attention output ``[B, T, Hq, D]`` and its keys and values
-            ``[B, Hkv, T, D]`` for the current sample.
+        teacher: per layer, the :class:`TeacherLayer` of the current sample.
     """
 
     def __init__(
         self, gates: torch.Tensor, num_query_heads: int, sink: int, recent: int,
-        windows: list[int | None] | None = None,
+        windows: list[int | None] | None = None, kernel: str = "auto",
     ):
         if gates.dim() != 2:
             raise ValueError(f"gates must have shape [num_layers, num_kv_heads], got {tuple(gates.shape)}")
@@ -69,6 +96,7 @@ class GateSet:
         self.group = num_query_heads // gates.shape[1]
         self.sink = sink
         self.recent = recent
+        self.kernel = resolve_kernel(kernel, gates.device)
         # per layer: the window of a local sliding-window layer (not gated), None for a gated layer
         self.windows = list(windows) if windows is not None else [None] * gates.shape[0]
         if len(self.windows) != gates.shape[0]:
@@ -77,66 +105,111 @@ class GateSet:
         self.gated_layers = torch.tensor([w is None for w in self.windows], device=gates.device)
         self.student = False
         self.start = 0
+        self.recorded_for: int | None = None  # the student start the teacher pass recorded for (None: any)
         self.clear()
 
     def query_gates(self, layer: int) -> torch.Tensor:
         """``[Hq, 1]``: the gate of each query head of ``layer`` (that of its KV head)."""
         return self.gates[layer].repeat_interleave(self.group)[:, None]
 
+    def window(self, layer: int) -> tuple[int, int]:
+        """``(sink, recent)`` of the student's attention in ``layer``: a local layer keeps its own window."""
+        local = self.windows[layer]
+        return (self.sink, self.recent) if local is None else (0, local)
+
+    def student_start(self, first_loss: int) -> int:
+        """The latest position a student pass may start at and still be exact (value and gradient) at
+        ``first_loss`` and after; see the module docstring."""
+        prefix = min(self.sink + self.recent, first_loss)
+        # A layer's input differs from the teacher's only after a gated layer (local layers are the same in both).
+        gated = [layer for layer, w in enumerate(self.windows) if w is None]
+        first_gated = gated[0] if gated else len(self.windows)
+        reach = sum(self.window(layer)[1] - 1 for layer in range(first_gated + 1, len(self.windows)))
+        return max(prefix, first_loss - reach)
+
+    @contextmanager
+    def student_pass(self, start: int) -> Iterator[None]:
+        """Route attention to the student for the body (also while a checkpointed layer is recomputed)."""
+        previous = self.student, self.start
+        self.student, self.start = True, start
+        try:
+            yield
+        finally:
+            self.student, self.start = previous
+
     def clear(self) -> None:
-        num_layers = self.gates.shape[0]
-        self.full: list[torch.Tensor | None] = [None] * num_layers
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.teacher: list[TeacherLayer | None] = [None] * self.gates.shape[0]
+        self.recorded_for = None
+
+
+def _keep(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Positions ``lo..hi-1`` of ``x [B, H, T, D]`` in their own memory, so that the rest can be freed."""
+    return x[:, :, lo:hi].clone()
 
 
 def _teacher(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              scale: float, softcap: float | None) -> torch.Tensor:
-    window = gate_set.windows[layer]
-    if window is None:
+    sink, recent = gate_set.window(layer)
+    if gate_set.windows[layer] is None:
         out = causal_attention(query, key, value, scale, softcap)
     else:  # a local layer: the last `window` keys, no sink
         empty = key[:, :, :0]
-        out = streaming_attention(query, empty, empty, key, value, 0, window, scale, softcap=softcap)
+        out = blocked_streaming_attention(query, empty, empty, key, value, 0, recent, scale, softcap=softcap)
     out = out.transpose(1, 2)
-    gate_set.full[layer], gate_set.keys[layer], gate_set.values[layer] = out, key, value
+    start = gate_set.recorded_for
+    if start is None:  # keep everything: a student pass may start anywhere
+        record = TeacherLayer(out, 0, key[:, :, :sink], value[:, :, :sink], key, value, 0)
+    else:  # keep only what a student pass from `start` reads
+        lo, n_sink = max(0, start - recent + 1), min(sink, start)
+        full = out[:, start:].clone() if start else out
+        record = TeacherLayer(full, start, _keep(key, 0, n_sink), _keep(value, 0, n_sink),
+                              _keep(key, lo, start), _keep(value, lo, start), lo)
+    gate_set.teacher[layer] = record
     return out
 
 
 def _windowed(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              scale: float, softcap: float | None, sink: int, recent: int) -> torch.Tensor:
+              scale: float, softcap: float | None) -> torch.Tensor:
     """Sink + recent attention of the student's queries at ``start..T-1`` -> ``[B, C, Hq, D]``; the keys before
     ``start`` come from the teacher."""
-    t_keys, t_values = gate_set.keys[layer], gate_set.values[layer]
-    start, total = gate_set.start, gate_set.start + query.shape[-2]
+    sink, recent = gate_set.window(layer)
+    record = gate_set.teacher[layer]
+    start = gate_set.start
     # Sink keys: positions 0..min(sink, T)-1, from the teacher before `start`, from the student after it.
-    n_sink = min(sink, total)
+    n_sink = min(sink, start + query.shape[-2])
     taken = min(n_sink, start)
-    k_sink = torch.cat([t_keys[:, :, :taken], key[:, :, : n_sink - taken]], dim=2)
-    v_sink = torch.cat([t_values[:, :, :taken], value[:, :, : n_sink - taken]], dim=2)
+    k_sink = torch.cat([record.k_sink[:, :, :taken], key[:, :, : n_sink - taken]], dim=2)
+    v_sink = torch.cat([record.v_sink[:, :, :taken], value[:, :, : n_sink - taken]], dim=2)
     # The run: every position a query's window can reach, lo..T-1.
     lo = max(0, start - recent + 1)
-    k_run = torch.cat([t_keys[:, :, lo:start], key], dim=2)
-    v_run = torch.cat([t_values[:, :, lo:start], value], dim=2)
-    out = streaming_attention(query, k_sink, v_sink, k_run, v_run, lo, recent, scale, softcap=softcap)
+    a, b = lo - record.run_from, start - record.run_from
+    k_run = torch.cat([record.k_run[:, :, a:b], key], dim=2)
+    v_run = torch.cat([record.v_run[:, :, a:b], value], dim=2)
+    if gate_set.kernel == "flex":
+        out = flex_streaming_attention(query, k_sink, v_sink, k_run, v_run, lo, recent, scale, softcap=softcap)
+    else:
+        out = blocked_streaming_attention(query, k_sink, v_sink, k_run, v_run, lo, recent, scale, softcap=softcap)
     return out.transpose(1, 2)
 
 
 def _student(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              scale: float, softcap: float | None) -> torch.Tensor:
     """Queries, keys and values at positions ``start..T-1``; earlier keys come from the teacher."""
-    full = gate_set.full[layer]
-    if full is None or full.shape[1] != gate_set.start + query.shape[-2]:
+    record = gate_set.teacher[layer]
+    start = gate_set.start
+    if record is None or record.full_from + record.full.shape[1] != start + query.shape[-2]:
         raise RuntimeError(f"layer {layer}: run the teacher pass on the same input before the student pass")
-    window = gate_set.windows[layer]
-    if window is not None:  # a local layer keeps its window, ungated
-        return _windowed(gate_set, layer, query, key, value, scale, softcap, 0, window)
-    stream = _windowed(gate_set, layer, query, key, value, scale, softcap, gate_set.sink, gate_set.recent)
+    if gate_set.recorded_for not in (None, start):
+        raise RuntimeError(f"the teacher pass recorded for a student start of {gate_set.recorded_for}, not {start}")
+    stream = _windowed(gate_set, layer, query, key, value, scale, softcap)
+    if gate_set.windows[layer] is not None:  # a local layer keeps its window, ungated
+        return stream
     # lerp(stream, full, alpha) = alpha * full + (1 - alpha) * stream, exact at alpha = 0 and alpha = 1. Mixed in
     # at least float32, so that a bfloat16 model does not round the gates to bfloat16 (which makes gates tie).
     dtype = torch.promote_types(stream.dtype, gate_set.gates.dtype)
     alpha = gate_set.query_gates(layer).to(dtype)
-    mixed = torch.lerp(stream.to(dtype), full[:, gate_set.start:].to(dtype), alpha)
+    full = record.full[:, start - record.full_from :]
+    mixed = torch.lerp(stream.to(dtype), full.to(dtype), alpha)
     return mixed.to(query.dtype)
 
 
@@ -162,29 +235,39 @@ def gated_attention_forward(
     return attend(gate_set, module.layer_idx, query, key, value, scale, kwargs.get("softcap")), None
 
 
-def teacher_forward(model: PreTrainedModel, gate_set: GateSet, ids: torch.Tensor) -> torch.Tensor:
+def teacher_forward(
+    model: PreTrainedModel, gate_set: GateSet, ids: torch.Tensor, start: int | None = None
+) -> torch.Tensor:
     """Full attention over ``ids [1, T]`` without autograd; returns the final normalised hidden states
-    ``[1, T, hidden]`` and records what :func:`student_forward` needs."""
+    ``[1, T, hidden]`` and records what :func:`student_forward` needs: for a student pass from ``start`` only
+    (the attention outputs from ``start`` on, the sink keys and the ``recent - 1`` keys before ``start``), or,
+    with ``start=None``, everything (a student pass may then start anywhere)."""
     gate_set.clear()
     gate_set.student = False
+    gate_set.recorded_for = start
     with torch.no_grad():
         return model.base_model(ids, use_cache=False).last_hidden_state
 
 
-def student_forward(model: PreTrainedModel, gate_set: GateSet, ids: torch.Tensor, start: int) -> torch.Tensor:
+def student_forward(
+    model: PreTrainedModel, gate_set: GateSet, ids: torch.Tensor, start: int, exact_from: int | None = None
+) -> torch.Tensor:
     """The gated model's final normalised hidden states ``[1, T - start, hidden]`` at positions ``start..T-1``.
 
-    ``start`` may be at most ``sink + recent``: the student equals the teacher before that. Run
+    They are exact (equal to a pass over the whole sequence, gradient included) from ``exact_from`` on (default
+    ``start``); ``start`` may be at most :meth:`GateSet.student_start` of ``exact_from``. Run
     :func:`teacher_forward` on the same ``ids`` first.
     """
-    if not 0 <= start <= min(gate_set.sink + gate_set.recent, ids.shape[1] - 1):
-        raise ValueError(f"start must be in [0, min(sink + recent, T - 1)], got {start}")
-    gate_set.student, gate_set.start = True, start
-    positions = torch.arange(start, ids.shape[1], device=ids.device)[None]
-    try:
+    exact_from = start if exact_from is None else exact_from
+    length = ids.shape[1]
+    if not 0 <= exact_from < length:
+        raise ValueError(f"exact_from must be in [0, {length - 1}], got {exact_from}")
+    latest = min(gate_set.student_start(exact_from), length - 1)
+    if not 0 <= start <= latest:
+        raise ValueError(f"start must be in [0, {latest}] for outputs exact from position {exact_from}, got {start}")
+    positions = torch.arange(start, length, device=ids.device)[None]
+    with gate_set.student_pass(start):
         return model.base_model(ids[:, start:], position_ids=positions, use_cache=False).last_hidden_state
-    finally:
-        gate_set.student, gate_set.start = False, 0
 
 
 def register() -> None:

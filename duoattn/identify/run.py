@@ -8,6 +8,7 @@ written only once training has finished, each to a temporary name first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -93,10 +94,14 @@ def identify(
         model_name = config.model or model.config.name_or_path or type(model).__name__
     cfg = check_supported(model)
     context = getattr(cfg, "max_position_embeddings", None)
+    if config.fit_context and context is not None and config.max_len > context:
+        config = dataclasses.replace(config, max_len=context, min_len=min(config.min_len, context))
     if context is not None and config.max_len > context:
         raise ValueError(f"max_len={config.max_len} exceeds the context of the model ({context} tokens)")
     text = load_haystack(config.haystack)
-    dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed)
+    dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed, fit_min_len=config.fit_context)
+    if dataset.config.min_len != config.min_len:  # fit_context: the shortest sample that holds the passkeys
+        config = dataclasses.replace(config, min_len=dataset.config.min_len)
     device = next(model.parameters()).device
     settings = {
         **config.settings(),
@@ -116,6 +121,8 @@ def identify(
         "num_kv_heads": cfg.num_key_value_heads,
         "final_distill_loss": history[-1]["distill"],
         "save_every": config.save_every,
+        "student_kernel": result.kernel,
+        "checkpointing": result.checkpointing,
         "train_seconds": round(sum(r["seconds"] for r in history), 1),
         "versions": {"duoattn": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }

@@ -5,13 +5,21 @@ model (student) at the loss positions, plus ``reg * mean|alpha|``. AdamW on the 
 to 1, clamped to [0, 1] after every step) with the schedule of :mod:`.schedule`.
 
 Step ``k`` trains on sample ``k`` of the data, which depends on ``(seed, k)`` only; with the gates and the AdamW
-state in the checkpoint, a resumed run repeats an uninterrupted one bit for bit.
+state in the checkpoint, a resumed run repeats an uninterrupted one bit for bit (with the same student kernel and
+checkpointing: they change nothing but float rounding, so they are not settings a resume must match).
+
+Memory (docs/identification.md, "Memory"): the student pass starts as late as exactness allows
+(:meth:`GateSet.student_start`), the teacher keeps only what that pass reads, the student's attention never holds
+a ``T x window`` matrix (:mod:`.streaming`), and on CUDA each decoder layer is recomputed in the backward pass
+instead of keeping its activations (:mod:`.memory`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,16 +32,29 @@ from transformers import PreTrainedModel
 
 from ..checks import check_int
 from ..data.passkeys import PasskeyConfig
-from ..models import sliding_windows, text_config
+from ..models import head_dim, sliding_windows, text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from .gates import GateSet, gated_attention, student_forward, teacher_forward
+from .memory import CHECKPOINTING, checkpointed_layers, resolve_checkpointing
 from .schedule import lr_factor
+from .streaming import KERNELS, check_flex, resolve_kernel
 
 # Defaults for the embedded SmolLM2-135M on 2 CPU cores (docs/identification.md shows the measurements).
 DEFAULT_STEPS = 64
 DEFAULT_MIN_LEN = 1024
 DEFAULT_MAX_LEN = 1280
 DTYPES = ("float32", "bfloat16", "float16")
+
+# Named sets of settings; explicit settings override a preset's.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The original's runs (mit-han-lab/duo-attention, scripts/train.sh): 10 passkeys of 32 words, samples of
+    # 1000-32000 tokens, 2000 steps, lr 0.02 with its schedule, reg 0.05, sink 128 / recent 256. fit_context caps
+    # the lengths at the model's context and raises min_len to the least the passkeys need (the original counts
+    # only its haystack in the length: its samples are longer by the passkeys and questions).
+    "paper": dict(steps=2000, min_len=1000, max_len=32000, num_passkeys=10, passkey_words=32, lr=0.02, reg=0.05,
+                  sink=128, recent=256, fit_context=True),
+}
 
 
 @dataclass
@@ -53,6 +74,12 @@ class IdentifyConfig:
         seed: sample ``k`` is drawn from ``(seed, k)``.
         save_every: a checkpoint every this many steps (an interrupted run loses at most this many).
         resume: continue from the checkpoint in ``out`` if there is one.
+        fit_context: cap ``max_len`` (and ``min_len``) at the model's context instead of refusing a longer one, and
+            raise a ``min_len`` too short for the passkeys to the least they need instead of refusing it.
+        checkpointing: recompute each decoder layer in the backward pass (``on``), keep the activations (``off``),
+            or ``auto``: on for CUDA, off for the CPU.
+        student_kernel: the student's streaming attention, ``flex``, ``blocks`` or ``auto`` (flex on CUDA when it
+            works there, else blocks).
     """
 
     out: str
@@ -72,7 +99,21 @@ class IdentifyConfig:
     seed: int = 42
     save_every: int = 10
     resume: bool = False
+    fit_context: bool = False
+    checkpointing: str = "auto"
+    student_kernel: str = "auto"
     passkeys: PasskeyConfig = field(init=False, repr=False)
+
+    @classmethod
+    def preset(cls, name: str, **settings: Any) -> IdentifyConfig:
+        """The config of preset ``name`` (:data:`PRESETS`) with ``settings`` on top; an explicit ``max_len``
+        turns ``fit_context`` off unless it is given too."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        values = dict(PRESETS[name])
+        if "max_len" in settings:
+            values.pop("fit_context", None)
+        return cls(**{**values, **settings})
 
     def __post_init__(self) -> None:
         if not str(self.out).strip():
@@ -88,6 +129,10 @@ class IdentifyConfig:
             raise ValueError("lr must be > 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
+        if self.student_kernel not in KERNELS:
+            raise ValueError(f"student_kernel must be one of {KERNELS}, got {self.student_kernel!r}")
         self.passkeys = PasskeyConfig(
             num_passkeys=self.num_passkeys,
             passkey_words=self.passkey_words,
@@ -97,7 +142,7 @@ class IdentifyConfig:
 
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the result, JSON-ready (a resume must match them)."""
-        skip = {"out", "resume", "save_every", "passkeys"}
+        skip = {"out", "resume", "save_every", "passkeys", "fit_context", "checkpointing", "student_kernel"}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         values["haystack"] = list(self.haystack)
         values["min_depth"], values["max_depth"] = self.passkeys.min_depth, self.passkeys.max_depth
@@ -113,10 +158,15 @@ class Sample(Protocol):
 
 @dataclass
 class TrainResult:
-    """Gates ``[num_layers, num_kv_heads]`` (float32, CPU) and one history record per step."""
+    """Gates ``[num_layers, num_kv_heads]`` (float32, CPU), one history record per step, and how the student ran
+    (``kernel``: ``flex`` or ``blocks``; ``checkpointing``; ``fallback``: why flex was not used, if it was asked for
+    implicitly and failed its check)."""
 
     gates: torch.Tensor
     history: list[dict[str, Any]]
+    kernel: str = "blocks"
+    checkpointing: bool = False
+    fallback: str | None = None
 
 
 def _step(
@@ -126,10 +176,11 @@ def _step(
     device = gate_set.gates.device
     ids = sample.input_ids.to(device)[None]
     positions = sample.loss_positions.to(device)
-    # Before sink + recent the student equals the teacher: its pass starts there (or at the first loss position).
-    start = min(gate_set.sink + gate_set.recent, int(positions.min()))
-    target = teacher_forward(model, gate_set, ids)[0, positions].float()
-    hidden = student_forward(model, gate_set, ids, start)[0, positions - start].float()
+    # The student pass starts as late as it can while staying exact at the loss positions.
+    first_loss = int(positions.min())
+    start = gate_set.student_start(first_loss)
+    target = teacher_forward(model, gate_set, ids, start)[0, positions].float()
+    hidden = student_forward(model, gate_set, ids, start, exact_from=first_loss)[0, positions - start].float()
     distill = (hidden - target).pow(2).mean()
     penalty = gate_set.gates[gate_set.gated_layers].abs().mean()
     loss = distill + reg * penalty
@@ -140,6 +191,22 @@ def _step(
         gate_set.gates.clamp_(0.0, 1.0)
     gate_set.clear()
     return {"loss": loss.item(), "distill": distill.item(), "reg": penalty.item()}
+
+
+def _student_kernel(model: PreTrainedModel, config: IdentifyConfig, device: torch.device) -> tuple[str, str | None]:
+    """The kernel the student runs with, and why flex was not taken when ``auto`` would have picked it."""
+    if resolve_kernel(config.student_kernel, device) == "blocks":
+        return "blocks", None
+    cfg = text_config(model)
+    dtype = next(model.parameters()).dtype
+    problem = check_flex(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg), config.sink, config.recent,
+                         dtype, device)
+    if problem is None:
+        return "flex", None
+    if config.student_kernel == "flex":
+        raise RuntimeError(f"the flex student kernel does not work here: {problem}")
+    warnings.warn(f"FlexAttention does not work here ({problem}); the student uses the blocked kernel", stacklevel=3)
+    return "blocks", problem
 
 
 def train_gates(
@@ -165,11 +232,15 @@ def train_gates(
     was_training = model.training
     model.eval()
     model.requires_grad_(False)  # only the gates get gradients
-    gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent, sliding_windows(cfg))
+    kernel, fallback = _student_kernel(model, config, device)
+    gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent, sliding_windows(cfg), kernel)
     gated = gate_set.gated_layers
+    recompute = resolve_checkpointing(config.checkpointing, device)
     bar = tqdm(total=config.steps, initial=start, desc="identify", unit="step", disable=not progress)
     try:
-        with gated_attention(model, gate_set):
+        with gated_attention(model, gate_set), (
+            checkpointed_layers(model, gate_set) if recompute else contextlib.nullcontext()
+        ):
             for step in range(start, config.steps):
                 tic = time.perf_counter()
                 lr = config.lr * lr_factor(step, config.steps)
@@ -191,7 +262,7 @@ def train_gates(
         for param, flag in zip(model.parameters(), requires_grad):
             param.requires_grad_(flag)
         model.train(was_training)
-    return TrainResult(gates.detach().cpu().clone(), history)
+    return TrainResult(gates.detach().cpu().clone(), history, kernel, recompute, fallback)
 
 
 def _restore(
