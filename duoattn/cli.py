@@ -287,11 +287,70 @@ def run_identify(args: argparse.Namespace) -> None:
     print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
 
 
+# -------------------------------------------------------------------------------------------------- serve
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    from .serve.config import ServeConfig
+
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat) on DuoAttention")
+    p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--pattern", default=None, help="pattern directory (default: the one shipped for the model)")
+    p.add_argument("--sparsity", type=_fraction, default=d.sparsity, help="fraction of streaming heads (default 0.5)")
+    p.add_argument("--kv-bits", type=int, choices=(16, 8, 4), default=d.kv_bits, help="retrieval-cache bits")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"requests running at once (default {d.max_batch})")
+    p.add_argument("--kv-budget-gib", type=float, default=None,
+                   help="KV pool size in GiB (default: 80%% of free GPU memory, 4 GiB on the CPU)")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"requests that may wait for memory (default {d.queue_size})")
+    p.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
+                   help=f"seconds a request may wait for memory (default {d.queue_timeout:g})")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help=f"prompt tokens per prefill chunk, one chunk per round (default {d.prefill_chunk})")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)")
+    p.add_argument("--served-name", default=None, help="model name clients send (default: from --model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from .serve.config import ServeConfig
+    from .serve.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(
+        ServeConfig(
+            model=args.model,
+            pattern=args.pattern,
+            sparsity=args.sparsity,
+            kv_bits=args.kv_bits,
+            host=args.host,
+            port=args.port,
+            max_batch=args.max_batch,
+            kv_budget_gib=args.kv_budget_gib,
+            queue_size=args.queue_size,
+            queue_timeout=args.queue_timeout,
+            prefill_chunk=args.prefill_chunk,
+            max_model_len=args.max_model_len,
+            served_name=args.served_name,
+            device=args.device,
+            dtype=args.dtype,
+            cuda_graphs=not args.no_graph,
+        )
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
     "identify": (add_identify, run_identify),
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),
+    "serve": (add_serve, run_serve),
 }
 
 
