@@ -20,6 +20,8 @@ class ServerMetrics:
         self.requests = Counter("duoattn_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("duoattn_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("duoattn_generation_tokens", "tokens generated", registry=r)
+        self.cancelled = Counter("duoattn_cancelled_requests",
+                                 "requests ended early: the client went away or a stop sequence appeared", registry=r)
         self.time_to_first_token = Histogram("duoattn_time_to_first_token_seconds",
                                              "from a request's admission to its first token", buckets=TTFT_BUCKETS,
                                              registry=r)

@@ -95,6 +95,7 @@ class Scheduler:
         self._forward: Callable[..., Any] = graphs.compiled_call if graphs is not None else model
         self.new_cache: Callable[..., DuoCache] = handle.new_cache  # replaceable: tests inject failures here
         self.running: list[Sequence] = []
+        self.peak_running = 0  # most requests ever running at once (a diagnostic)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None  # what stopped the worker, if it died
@@ -162,6 +163,7 @@ class Scheduler:
             self._advance(seq, err)
             return
         self.running.append(seq)
+        self.peak_running = max(self.peak_running, len(self.running))
 
     def _round(self) -> None:
         """Drop cancelled requests, one decode step per decoding request, one prefill chunk."""
@@ -248,6 +250,8 @@ class Scheduler:
             pass
         if event is not None:
             seq.post(event)
+        else:
+            self.metrics.cancelled.inc()
 
 
 def _out_of_memory(err: object) -> bool:
