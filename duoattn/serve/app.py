@@ -114,10 +114,13 @@ async def _stream_events(first: Piece, rest: AsyncIterator[Piece], chunk: Callab
 async def _collect(first: Piece, rest: AsyncIterator[Piece]) -> Piece:
     """All pieces joined into one."""
     texts, last = [first.text], first
-    if first.finish_reason is None:
-        async for piece in rest:
-            texts.append(piece.text)
-            last = piece
+    try:
+        if first.finish_reason is None:
+            async for piece in rest:
+                texts.append(piece.text)
+                last = piece
+    finally:
+        await rest.aclose()  # ends a generation stopped by a stop sequence now, not when collected
     return Piece("".join(texts), last.finish_reason, last.tokens)
 
 

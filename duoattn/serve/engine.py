@@ -24,7 +24,7 @@ from .metrics import ServerMetrics
 from .pool import KVPool, PoolRefusal
 from .sampling import SamplingParams
 from .scheduler import Event, Scheduler, Sequence
-from .schema import ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from .schema import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .text import TextStream
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -121,7 +121,7 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - templates raise their own errors (roles out of order, ...)
             raise APIError(400, f"messages: the chat template refused them: {err}", param="messages") from None
 
-    def sampling(self, body: _GenerationRequest, prompt_len: int, max_tokens: int | None, prompt_param: str,
+    def sampling(self, body: GenerationRequest, prompt_len: int, max_tokens: int | None, prompt_param: str,
                  default_max_tokens: int) -> SamplingParams:
         """The request's sampling parameters, once prompt + completion fit in the context."""
         if prompt_len == 0:

@@ -192,7 +192,9 @@ class Scheduler:
 
     def _logits(self, forward: Callable[..., Any], ids: torch.Tensor, cache: DuoCache) -> torch.Tensor:
         output = forward(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_name: cache})
-        return output.logits[0, -1].float()  # a copy: a replayed graph's logits are overwritten by its next step
+        # A replayed graph's logits are a static buffer, overwritten by that cache's next step: the caller samples
+        # from them before then.
+        return output.logits[0, -1].float()
 
     def _prefill_chunk(self, seq: Sequence) -> torch.Tensor | None:
         start = seq.prefilled

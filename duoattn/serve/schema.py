@@ -21,7 +21,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class GenerationRequest(BaseModel):
     """Fields shared by both endpoints."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -52,7 +52,7 @@ class _GenerationRequest(BaseModel):
         return list(self.stop or [])
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``: a prompt as text or token ids (one prompt per request)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -103,7 +103,7 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions``: messages rendered with the tokenizer's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
