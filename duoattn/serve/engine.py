@@ -148,13 +148,14 @@ class Engine:
         Raises :class:`APIError` (503) when no memory can be had or the device runs out of it. The request is
         cancelled, and its memory released, when the client disconnects or the caller stops iterating.
         """
+        arrival = time.perf_counter()  # time to first token includes the wait for memory
         nbytes = self.handle.expected_kv_bytes(len(prompt) + params.max_tokens)
         try:
             await self.pool.acquire(nbytes)
         except PoolRefusal as refusal:
             raise APIError(503, refusal.message, code=refusal.code) from None
         self.metrics.prompt_tokens.inc(len(prompt))
-        seq = Sequence(prompt, params, nbytes, asyncio.get_running_loop(), self.pool.release)
+        seq = Sequence(prompt, params, nbytes, asyncio.get_running_loop(), self.pool.release, arrival=arrival)
         self.scheduler.submit(seq)
         text = TextStream(self.tokenizer, stops)
         finished = False

@@ -22,9 +22,10 @@ class ServerMetrics:
         self.generation_tokens = Counter("duoattn_generation_tokens", "tokens generated", registry=r)
         self.cancelled = Counter("duoattn_cancelled_requests",
                                  "requests ended early: the client went away or a stop sequence appeared", registry=r)
-        self.time_to_first_token = Histogram("duoattn_time_to_first_token_seconds",
-                                             "from a request's admission to its first token", buckets=TTFT_BUCKETS,
-                                             registry=r)
+        self.time_to_first_token = Histogram(
+            "duoattn_time_to_first_token_seconds",
+            "from a request's arrival (its wait for memory included) to its first token", buckets=TTFT_BUCKETS,
+            registry=r)
         self.inter_token_latency = Histogram("duoattn_inter_token_latency_seconds",
                                              "between two tokens of one request", buckets=ITL_BUCKETS, registry=r)
         self.queue_length = Gauge("duoattn_queue_length", "requests waiting for KV memory or a batch slot",

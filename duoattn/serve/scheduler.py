@@ -52,7 +52,7 @@ class Sequence:
     reserved: int
     loop: asyncio.AbstractEventLoop
     release: Callable[[int], None]  # the pool's release, called on the loop
-    arrival: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=time.perf_counter)  # perf_counter seconds, for time to first token
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set from the event loop (a disconnect, a stop sequence); read by the worker
     # worker-side state
