@@ -373,3 +373,59 @@ def test_embedded_model_answers_a_passkey_prompt():
         assert answer == expected
     finally:
         disable_duo_attention(engine.model)
+
+
+# ------------------------------------------------------------------------------------------- pool and CLI
+def test_pool_serves_waiters_in_order_and_forgets_those_that_leave():
+    import asyncio
+
+    from duoattn.serve.pool import KVPool, PoolRefusal
+
+    async def scenario() -> list[str]:
+        pool = KVPool(capacity=100, max_sequences=3, queue_size=2, timeout=5.0)
+        order: list[str] = []
+        await pool.acquire(60)
+
+        async def wait(name: str, nbytes: int) -> None:
+            await pool.acquire(nbytes)
+            order.append(name)
+
+        big = asyncio.create_task(wait("big", 70))  # head of the queue: does not fit beside the 60
+        await asyncio.sleep(0)
+        small = asyncio.create_task(wait("small", 10))  # fits now, but must not overtake the head
+        await asyncio.sleep(0)
+        assert pool.waiting == 2 and order == []
+        with pytest.raises(PoolRefusal, match="capacity"):
+            await pool.acquire(1)  # queue full
+        with pytest.raises(PoolRefusal, match="holds"):
+            await pool.acquire(101)  # never fits
+        pool.release(60)
+        await asyncio.gather(big, small)
+        assert (pool.in_use, pool.running, pool.waiting) == (80, 2, 0)
+        leaver = asyncio.create_task(pool.acquire(50))
+        await asyncio.sleep(0)
+        leaver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+        assert pool.waiting == 0
+        pool.release(70), pool.release(10)
+        assert (pool.in_use, pool.running) == (0, 0)
+        return order
+
+    assert asyncio.run(scenario()) == ["big", "small"]
+
+
+def test_cli_builds_the_server_config(monkeypatch):
+    import duoattn.serve.server as server
+    from duoattn.cli import main
+
+    seen: list[ServeConfig] = []
+    monkeypatch.setattr(server, "serve", seen.append)
+    assert main(["serve", "--sparsity", "0.75", "--kv-bits", "4", "--port", "8123", "--max-batch", "4",
+                 "--kv-budget-gib", "2", "--queue-size", "3", "--queue-timeout", "1.5", "--prefill-chunk", "64"]) == 0
+    config = seen[0]
+    assert (config.model, config.pattern, config.host, config.port) == (None, None, "127.0.0.1", 8123)
+    assert (config.sparsity, config.kv_bits, config.max_batch, config.kv_budget_gib) == (0.75, 4, 4, 2.0)
+    assert (config.queue_size, config.queue_timeout, config.prefill_chunk) == (3, 1.5, 64)
+    with pytest.raises(ValueError, match="max_batch"):
+        ServeConfig(max_batch=0)

@@ -86,7 +86,10 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 async def _first(pieces: AsyncIterator[Piece]) -> tuple[Piece, AsyncIterator[Piece]]:
     """The first piece (so that refusals before any token are HTTP errors, not broken streams), and the rest."""
-    return await anext(pieces), pieces
+    try:
+        return await anext(pieces), pieces
+    except StopAsyncIteration:  # the client left before the first token: nobody reads this answer
+        raise APIError(499, "the client disconnected before the first token", code="client_disconnected") from None
 
 
 async def _stream_events(first: Piece, rest: AsyncIterator[Piece], chunk: Callable[[Piece], list[BaseModel]],
@@ -154,7 +157,8 @@ def build_app(engine: Engine) -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable) -> Response:
         response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        route = request.scope.get("route")  # the route's path, not the URL: labels stay few
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     @app.get("/health")
