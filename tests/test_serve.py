@@ -161,8 +161,11 @@ def test_chat_equals_generate(served, tiny, tokenizer, stream):
     tokens, reason = reference(model, ids, 10)
     kwargs = dict(model=NAME, messages=messages, max_tokens=10, temperature=0)
     if stream:
-        chunks = list(served.client.chat.completions.create(stream=True, **kwargs))
+        chunks = list(served.client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                            **kwargs))
         assert chunks[0].choices[0].delta.role == "assistant"
+        usage = chunks.pop()  # the usage chunk comes last, without choices
+        assert usage.choices == [] and usage.usage.completion_tokens == len(tokens)
         text = "".join(c.choices[0].delta.content or "" for c in chunks)
         got_reason = chunks[-1].choices[0].finish_reason
     else:
@@ -328,6 +331,21 @@ def test_memory_refusals_get_503_and_the_server_keeps_serving(tiny, tokenizer):
         assert status == 503 and reply["error"]["code"] == "out_of_memory", reply
         scheduler.new_cache = handle.new_cache
         assert wait_until(lambda: pool.in_use == 0)
+        # ... also in a decode step, after the first token (sampled from the prefill) was streamed
+        forward, scheduler.decode_forward = scheduler.decode_forward, no_memory
+        try:
+            status, reply = served.post("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 4,
+                                                            "temperature": 0})
+            assert status == 503 and reply["error"]["code"] == "out_of_memory", reply
+            stream = served.client.completions.create(model=NAME, prompt="Hi", max_tokens=4, temperature=0,
+                                                      stream=True)
+            chunks = iter(stream)
+            next(chunks)
+            with pytest.raises(openai.APIError, match="ran out of memory"):
+                next(chunks)  # an OpenAI error event, then the stream ends
+        finally:
+            scheduler.decode_forward = forward
+        assert wait_until(lambda: pool.in_use == 0 and pool.running == 0)
         assert complete(served.client, False, prompt="Hi", max_tokens=3, temperature=0)[1] == "length"
         assert served.get("/health")[0] == 200
 

@@ -76,7 +76,7 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 
 
 def _sse(model: BaseModel) -> str:
-    return f"data: {model.model_dump_json(exclude_none=False)}\n\n"
+    return f"data: {model.model_dump_json()}\n\n"
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:

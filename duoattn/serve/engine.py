@@ -17,7 +17,7 @@ import torch
 from starlette.requests import Request
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..deploy import DuoAttentionHandle
+from ..deploy import HANDLE_ATTR, DuoAttentionHandle
 from ..models import text_config
 from .config import CPU_BUDGET_GIB, CUDA_FREE_FRACTION, GIB, ServeConfig
 from .metrics import ServerMetrics
@@ -71,6 +71,8 @@ class Engine:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, handle: DuoAttentionHandle,
                  config: ServeConfig, served_name: str):
+        if getattr(model, HANDLE_ATTR, None) is not handle:
+            raise ValueError("handle must be the DuoAttention handle of model (enable_duo_attention(model, ...))")
         self.model, self.tokenizer, self.handle, self.config = model, tokenizer, handle, config
         self.served_name = served_name
         self.created = int(time.time())

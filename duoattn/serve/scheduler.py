@@ -92,8 +92,9 @@ class Scheduler:
         # On the GPU a decode step replays the cache's CUDA graph (captured at its first step); prefill chunks and
         # the CPU run the model eagerly.
         graphs = handle.graphs if cuda_graphs and self.device.type == "cuda" else None
-        self._forward: Callable[..., Any] = graphs.compiled_call if graphs is not None else model
-        self.new_cache: Callable[..., DuoCache] = handle.new_cache  # replaceable: tests inject failures here
+        # Both replaceable (the tests inject failures through them).
+        self.decode_forward: Callable[..., Any] = graphs.compiled_call if graphs is not None else model
+        self.new_cache: Callable[..., DuoCache] = handle.new_cache
         self.running: list[Sequence] = []
         self.peak_running = 0  # most requests ever running at once (a diagnostic)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -185,7 +186,7 @@ class Scheduler:
         for seq in seqs:
             ids = torch.tensor([[seq.generated[-1]]], device=self.device)
             try:
-                out.append(self._logits(self._forward, ids, seq.cache))
+                out.append(self._logits(self.decode_forward, ids, seq.cache))
             except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
                 out.append(err)
         return out
