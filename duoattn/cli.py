@@ -345,12 +345,40 @@ def run_serve(args: argparse.Namespace) -> None:
     )
 
 
+def add_load(sub: argparse._SubParsersAction) -> None:
+    from .serve.load import LoadConfig
+
+    d = LoadConfig()
+    p = sub.add_parser("load", help="load a running server: N concurrent streaming clients, TTFT / ITL percentiles")
+    p.add_argument("--url", default=d.url, help=f"the server's base URL (default {d.url})")
+    p.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    p.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients (default {d.clients})")
+    p.add_argument("--requests", type=int, default=d.requests, help=f"requests in all (default {d.requests})")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"default {d.prompt_tokens}")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"default {d.max_tokens}")
+    p.add_argument("--vocab", type=int, default=d.vocab, help="prompt token ids are drawn below this")
+    p.add_argument("--deadline", type=float, default=d.deadline_s, help="seconds after which no request starts")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="directory for load.json")
+
+
+def run_load(args: argparse.Namespace) -> None:
+    from .serve.load import LoadConfig, format_report
+    from .serve.load import run_load as load
+
+    print(format_report(load(LoadConfig(url=args.url, model=args.model, clients=args.clients,
+                                        requests=args.requests, prompt_tokens=args.prompt_tokens,
+                                        max_tokens=args.max_tokens, vocab=args.vocab, deadline_s=args.deadline,
+                                        seed=args.seed, out=args.out))))
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
     "identify": (add_identify, run_identify),
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),
     "serve": (add_serve, run_serve),
+    "load": (add_load, run_load),
 }
 
 

@@ -447,3 +447,16 @@ def test_cli_builds_the_server_config(monkeypatch):
     assert (config.queue_size, config.queue_timeout, config.prefill_chunk) == (3, 1.5, 64)
     with pytest.raises(ValueError, match="max_batch"):
         ServeConfig(max_batch=0)
+
+
+def test_load_generator_reports_latencies(served, tmp_path):
+    from duoattn.serve.load import LoadConfig, format_report, run_load
+
+    report = run_load(LoadConfig(url=served.url, clients=3, requests=6, prompt_tokens=20, max_tokens=5,
+                                 vocab=len(served.engine.tokenizer), deadline_s=60, out=str(tmp_path)))
+    assert (report.completed, report.failed) == (6, 0), report.errors
+    assert report.config["model"] == NAME
+    assert 0 < report.generated_tokens <= 30 and report.tokens_per_s > 0
+    assert 0 < report.ttft_s["p50"] <= report.ttft_s["max"]
+    saved = json.loads((tmp_path / "load.json").read_text())
+    assert saved["completed"] == 6 and "time to first token" in format_report(report)
