@@ -180,7 +180,7 @@ def build_app(engine: Engine) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         engine.check_model(body.model)
-        prompt = await engine.completion_prompt(body)
+        prompt = engine.completion_prompt(body)
         params = engine.sampling(body, len(prompt), body.max_tokens, "prompt", COMPLETION_DEFAULT_MAX_TOKENS)
         first, rest = await _first(engine.generate(request, prompt, params, body.stops()))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -202,7 +202,7 @@ def build_app(engine: Engine) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine.check_model(body.model)
-        prompt = await engine.chat_prompt(body)
+        prompt = engine.chat_prompt(body)
         params = engine.sampling(body, len(prompt), body.token_limit(), "messages", engine.config.default_max_tokens)
         first, rest = await _first(engine.generate(request, prompt, params, body.stops()))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -97,31 +97,29 @@ class Engine:
             raise APIError(404, f"model {name!r} is not served here; this server serves {self.served_name!r}",
                            param="model", code="model_not_found")
 
-    async def completion_prompt(self, body: CompletionRequest) -> list[int]:
+    # The tokenizer runs on the event-loop thread only: a fast tokenizer used from two threads at once can fail
+    # ("Already borrowed"), and the handlers' text streams decode with it there.
+    def completion_prompt(self, body: CompletionRequest) -> list[int]:
         """Token ids of a completion prompt (text is tokenised as ``tokenizer(prompt)``, special tokens included)."""
         if isinstance(body.prompt, str):
-            return await asyncio.to_thread(lambda: self.tokenizer(body.prompt).input_ids)
+            return self.tokenizer(body.prompt).input_ids
         bad = next((t for t in body.prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})",
                            param="prompt")
         return list(body.prompt)
 
-    async def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         """Token ids of the messages rendered with the tokenizer's chat template, ready for the assistant's turn."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model {self.served_name!r} has no chat template; use /v1/completions",
                            param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-
-        def encode() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids  # the template holds them
-
         try:
-            return await asyncio.to_thread(encode)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as err:  # noqa: BLE001 - templates raise their own errors (roles out of order, ...)
             raise APIError(400, f"messages: the chat template refused them: {err}", param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids  # the template holds the special tokens
 
     def sampling(self, body: GenerationRequest, prompt_len: int, max_tokens: int | None, prompt_param: str,
                  default_max_tokens: int) -> SamplingParams:
@@ -150,6 +148,8 @@ class Engine:
         Raises :class:`APIError` (503) when no memory can be had or the device runs out of it. The request is
         cancelled, and its memory released, when the client disconnects or the caller stops iterating.
         """
+        if not self.scheduler.alive:
+            raise APIError(503, "the server's worker has stopped; see the server log", code="worker_stopped")
         arrival = time.perf_counter()  # time to first token includes the wait for memory
         nbytes = self.handle.expected_kv_bytes(len(prompt) + params.max_tokens)
         try:

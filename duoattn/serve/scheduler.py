@@ -225,7 +225,11 @@ class Scheduler:
             self._finish(seq, Event("error", status=500, code="internal_error",
                                     message=f"generation failed: {type(logits).__name__}: {logits}"))
             return
-        token = sample(logits, seq.params, seq.generator)
+        try:
+            token = sample(logits, seq.params, seq.generator)
+        except Exception as err:  # noqa: BLE001 - e.g. non-finite logits: this request fails, the worker goes on
+            self._advance(seq, err)
+            return
         now = time.perf_counter()
         if seq.generated:
             self.metrics.inter_token_latency.observe(now - seq.last_token_at)
