@@ -348,6 +348,11 @@ def test_memory_refusals_get_503_and_the_server_keeps_serving(tiny, tokenizer):
         assert wait_until(lambda: pool.in_use == 0 and pool.running == 0)
         assert complete(served.client, False, prompt="Hi", max_tokens=3, temperature=0)[1] == "length"
         assert served.get("/health")[0] == 200
+        # a stopped worker: requests and the health check say so instead of hanging
+        served.engine.scheduler.stop()
+        status, reply = served.post("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and reply["error"]["code"] == "worker_stopped", reply
+        assert served.get("/health")[0] == 503
 
 
 # ----------------------------------------------------------------------------------------- introspection

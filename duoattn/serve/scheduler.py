@@ -136,7 +136,12 @@ class Scheduler:
             self.failure = err
             log.exception("the serving worker stopped")
         finally:
-            for seq in list(self.running):
+            waiting = []
+            while not self._inbox.empty():
+                item = self._inbox.get()
+                if isinstance(item, Sequence):
+                    waiting.append(item)
+            for seq in list(self.running) + waiting:
                 self._finish(seq, Event("error", status=503, code="server_stopping",
                                         message="the server stopped before this request finished"))
 
