@@ -129,7 +129,7 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ worker side
     def _run(self) -> None:
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # as generate runs (CUDA-graph capture included), so answers match it
                 while self._drain(block=not self.running):
                     self._round()
         except BaseException as err:  # noqa: BLE001 - recorded for /health; requests get an error below
