@@ -81,7 +81,10 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def run_load(config: LoadConfig) -> LoadReport:
     """Run the load; the report is also written to ``config.out/load.json`` when ``out`` is set."""
-    import openai  # the client the load speaks through; an optional dependency of the server package
+    try:
+        import openai  # the client the load speaks through: a dev dependency, not needed to serve
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("duoattn load needs the openai client: pip install openai") from None
 
     client = openai.OpenAI(base_url=config.url.rstrip("/") + "/v1", api_key="unused", max_retries=0,
                            timeout=config.deadline_s)
