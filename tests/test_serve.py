@@ -243,6 +243,8 @@ def test_disconnect_mid_stream_frees_memory(served, tokenizer):
     chunks = iter(stream)
     next(chunks), next(chunks)
     assert engine.pool.in_use == engine.handle.expected_kv_bytes(len(ids) + max_tokens)  # reserved while it runs
+    (running,) = engine.scheduler.running
+    assert running.cache.kv_bytes() == engine.pool.in_use  # the reservation is what the cache really holds
     stream.close()
     assert wait_until(lambda: engine.pool.in_use == 0 and engine.pool.running == 0)
     assert engine.pool.free == engine.pool.capacity
