@@ -388,6 +388,89 @@ def run_bench_identify(args: argparse.Namespace) -> None:
     )
     print(table(report["rows"]))
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, separators=(",", ":")), flush=True)
+# -------------------------------------------------------------------------------------------------- serve
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    from .serve.config import ServeConfig
+
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat) on DuoAttention")
+    p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--pattern", default=None, help="pattern directory (default: the one shipped for the model)")
+    p.add_argument("--sparsity", type=_fraction, default=d.sparsity, help="fraction of streaming heads (default 0.5)")
+    p.add_argument("--kv-bits", type=int, choices=(16, 8, 4), default=d.kv_bits, help="retrieval-cache bits")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"requests running at once (default {d.max_batch})")
+    p.add_argument("--kv-budget-gib", type=float, default=None,
+                   help="KV pool size in GiB (default: 80%% of free GPU memory, 4 GiB on the CPU)")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"requests that may wait for memory (default {d.queue_size})")
+    p.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
+                   help=f"seconds a request may wait for memory (default {d.queue_timeout:g})")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help=f"prompt tokens per prefill chunk, one chunk per round (default {d.prefill_chunk})")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)")
+    p.add_argument("--served-name", default=None, help="model name clients send (default: from --model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from .serve.config import ServeConfig
+    from .serve.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(
+        ServeConfig(
+            model=args.model,
+            pattern=args.pattern,
+            sparsity=args.sparsity,
+            kv_bits=args.kv_bits,
+            host=args.host,
+            port=args.port,
+            max_batch=args.max_batch,
+            kv_budget_gib=args.kv_budget_gib,
+            queue_size=args.queue_size,
+            queue_timeout=args.queue_timeout,
+            prefill_chunk=args.prefill_chunk,
+            max_model_len=args.max_model_len,
+            served_name=args.served_name,
+            device=args.device,
+            dtype=args.dtype,
+            cuda_graphs=not args.no_graph,
+        )
+    )
+
+
+def add_load(sub: argparse._SubParsersAction) -> None:
+    from .serve.load import LoadConfig
+
+    d = LoadConfig()
+    p = sub.add_parser("load", help="load a running server: N concurrent streaming clients, TTFT / ITL percentiles")
+    p.add_argument("--url", default=d.url, help=f"the server's base URL (default {d.url})")
+    p.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    p.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients (default {d.clients})")
+    p.add_argument("--requests", type=int, default=d.requests, help=f"requests in all (default {d.requests})")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"default {d.prompt_tokens}")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"default {d.max_tokens}")
+    p.add_argument("--vocab", type=int, default=d.vocab, help="prompt token ids are drawn below this")
+    p.add_argument("--deadline", type=float, default=d.deadline_s, help="seconds after which no request starts")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="directory for load.json")
+
+
+def run_load(args: argparse.Namespace) -> None:
+    from .serve.load import LoadConfig, format_report
+    from .serve.load import run_load as load
+
+    print(format_report(load(LoadConfig(url=args.url, model=args.model, clients=args.clients,
+                                        requests=args.requests, prompt_tokens=args.prompt_tokens,
+                                        max_tokens=args.max_tokens, vocab=args.vocab, deadline_s=args.deadline,
+                                        seed=args.seed, out=args.out))))
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
@@ -397,6 +480,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),
     "bench-identify": (add_bench_identify, run_bench_identify),
+    "serve": (add_serve, run_serve),
+    "load": (add_load, run_load),
 }
 
 
