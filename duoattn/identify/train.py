@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from ..checks import check_int
+from ..checks import UsageError, check_device, check_dtype, check_int
 from ..data.passkeys import PasskeyConfig
 from ..models import sliding_windows, text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
@@ -53,6 +53,7 @@ class IdentifyConfig:
         seed: sample ``k`` is drawn from ``(seed, k)``.
         save_every: a checkpoint every this many steps (an interrupted run loses at most this many).
         resume: continue from the checkpoint in ``out`` if there is one.
+        overwrite: replace a non-empty ``out`` that holds no resumable run (without it such an ``out`` is refused).
     """
 
     out: str
@@ -72,6 +73,7 @@ class IdentifyConfig:
     seed: int = 42
     save_every: int = 10
     resume: bool = False
+    overwrite: bool = False
     passkeys: PasskeyConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,8 +88,21 @@ class IdentifyConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_dtype("dtype", self.dtype, DTYPES)
+        if self.device is not None:
+            self.device = check_device("device", self.device)
+        if self.resume and self.overwrite:
+            raise UsageError("give resume (continue the run in out) or overwrite (replace it), not both")
+        for name in ("max_len", "min_len"):
+            # Up to sink + recent tokens a streaming head sees the whole sample: such samples teach the gates
+            # nothing (the distillation loss is 0 whatever the gates) while the regulariser still pulls them down.
+            check_int(name, getattr(self, name), 1)
+            if getattr(self, name) <= self.sink + self.recent:
+                raise UsageError(
+                    f"{name}={getattr(self, name)} must exceed sink + recent = {self.sink} + {self.recent} = "
+                    f"{self.sink + self.recent}: shorter samples fit the streaming window whole and teach the gates "
+                    "nothing"
+                )
         self.passkeys = PasskeyConfig(
             num_passkeys=self.num_passkeys,
             passkey_words=self.passkey_words,
@@ -97,7 +112,7 @@ class IdentifyConfig:
 
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the result, JSON-ready (a resume must match them)."""
-        skip = {"out", "resume", "save_every", "passkeys"}
+        skip = {"out", "resume", "overwrite", "save_every", "passkeys"}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         values["haystack"] = list(self.haystack)
         values["min_depth"], values["max_depth"] = self.passkeys.min_depth, self.passkeys.max_depth
