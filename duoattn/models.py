@@ -253,6 +253,15 @@ def check_supported(model: nn.Module | PretrainedConfig) -> PretrainedConfig:
     return cfg
 
 
+def check_pattern_shape(shape: tuple[int, int], model_or_config: nn.Module | PretrainedConfig) -> None:
+    """Refuse a head pattern of ``shape`` (layers x KV heads) learned for another model; checks support too."""
+    cfg = check_supported(model_or_config)
+    expected = (cfg.num_hidden_layers, cfg.num_key_value_heads)
+    if tuple(shape) != expected:
+        raise UsageError(f"the pattern has shape {tuple(shape)} (layers x KV heads) but the model has {expected} "
+                         f"({cfg.model_type}): it was learned for another model")
+
+
 def sliding_windows(cfg: PretrainedConfig) -> list[int | None]:
     """Per decoder layer, the sliding window that limits its attention, or None for a full-attention layer.
 
