@@ -219,6 +219,7 @@ def run_quant_bench(args: argparse.Namespace) -> None:
     if args.model is not None or args.prefill_contexts or args.stock_contexts or args.max_context_ratios:
         raise ValueError("--kv-bits / --weight-bits measure capacity and decode on one --shapes model; they take no "
                          "--model, --prefill-contexts, --stock-contexts or --max-context-ratios")
+    check_bench_args(args)
     config = QuantBenchConfig(
         out=args.out or "runs/bench-quant",
         shape=args.shapes[0],
@@ -306,10 +307,10 @@ def run_bench(args: argparse.Namespace) -> None:
     from .bench import BenchConfig
     from .bench import run_bench as bench
 
-    check_bench_args(args)
     if args.kv_bits is not None or args.weight_bits is not None:
         run_quant_bench(args)
         return
+    check_bench_args(args)
 
     config = BenchConfig(
         shapes=args.shapes,
