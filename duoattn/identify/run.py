@@ -97,6 +97,7 @@ def identify(
     """Identify retrieval heads; see :class:`IdentifyConfig`. ``model`` / ``tokenizer`` override ``config.model``."""
     out = Path(config.out)
     check_inputs(config, model is not None)
+    text = load_haystack(config.haystack)  # read (and checked) before the model is loaded
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
         model_name = config.model or EMBEDDED_NAME
@@ -106,7 +107,6 @@ def identify(
         model_name = config.model or model.config.name_or_path or type(model).__name__
     cfg = check_supported(model)
     check_context(model, config.max_len, "max_len")
-    text = load_haystack(config.haystack)
     dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed)
     device = next(model.parameters()).device
     settings = {
