@@ -53,7 +53,7 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
-        raise UsageError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise UsageError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 
@@ -64,7 +64,7 @@ def check_dtype(name: str, value: Any, choices: Sequence[str] = DTYPES) -> str:
     """A torch dtype by name (``"bfloat16"``; a ``torch.dtype`` is accepted and named)."""
     text = str(value).removeprefix("torch.")
     if text not in choices:
-        raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise UsageError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return text
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from .checks import check_device, check_int, check_ints, check_number
 from .eval.generation import GenerationSettings, generate_answer
 from .eval.methods import Method
-from .checks import check_device, check_int, check_ints, check_number
 from .eval.passkey import MAX_NEW_TOKENS as PASSKEY_NEW_TOKENS
 from .eval.passkey import passkey_sample, score_passkey
 from .models import EMBEDDED_NAME, check_context, check_model_source, check_pattern_shape, load_model, model_config

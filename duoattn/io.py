@@ -97,6 +97,8 @@ def replace_directory(
     is left as it was.
     """
     target = Path(target)
+    if target.is_symlink():  # replace the directory the link points to, and keep the link
+        target = target.resolve()
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{str(target)!r} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,14 @@ def test_replace_directory_refuses_a_file(tmp_path):
     assert (tmp_path / "f").read_text() == "x"
 
 
+def test_saving_through_a_link_replaces_the_directory_it_points_to(tmp_path):
+    _pattern(0.25).save(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    _pattern(0.75).save(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and HeadPattern.load(tmp_path / "real").gates[0, 0] == 0.75
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 # ---------------------------------------------------------------------------------------------- bugs 4, 5
 def identify_run(out: Path, haystack: Path, **kwargs):
     values = dict(out=str(out), steps=2, min_len=1200, max_len=1300, num_passkeys=2, passkey_words=3, sink=4,
@@ -254,7 +262,7 @@ def test_a_bad_dtype_writes_nothing_and_the_next_run_works(tmp_path, files, caps
     argv = ["eval", "passkey", "--model", files / "tiny", "--out", tmp_path / "o", "--methods", "full",
             "--lengths", 400, "--samples", 1, "--device", "cpu", "--max-new-tokens", 1]
     code, err = cli(argv + ["--dtype", "float33"], capsys)
-    assert code == 2 and "dtype must be one of float32, bfloat16, float16, float64; got 'float33'" in err
+    assert code == 2 and "dtype must be one of ('float32', 'bfloat16', 'float16', 'float64'), got 'float33'" in err
     assert not (tmp_path / "o").exists()
     assert cli(argv, capsys)[0] == 0
     assert len(json.loads((tmp_path / "o" / "results.json").read_text())["cells"]) == 1
@@ -498,36 +506,51 @@ def test_bench_refuses_an_8b_shape_on_a_cpu_unless_asked_for(capsys, monkeypatch
     assert "warning: --shapes llama-3-8b builds a 16 GB" in capsys.readouterr().err
 
 
+def test_ctrl_c_prints_one_line_and_exits_130(capsys, monkeypatch):
+    import duoattn.cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli_module.COMMANDS, "demo", (cli_module.add_demo, interrupted))
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "duoattn demo: interrupted\n"
+
+
 # -------------------------------------------------------------------------------- interrupt and resume
 SCRIPT = """
-import sys
+import os, sys, time
 sys.path.insert(0, {tests!r})
 from identify_helpers import CharTokenizer, one_long_range_head_model
 from duoattn.identify import IdentifyConfig, identify
 config = IdentifyConfig(**{config!r})
+while not os.path.exists({go!r}):  # imported; start when the test says so
+    time.sleep(0.01)
 identify(config, model=one_long_range_head_model(), tokenizer=CharTokenizer(modulo=96), progress=False)
 """
 
 
 def test_sigint_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, files):
-    settings = dict(steps=10, min_len=1500, max_len=1600, num_passkeys=2, passkey_words=3, sink=4, recent=32,
+    settings = dict(steps=6, min_len=1150, max_len=1200, num_passkeys=2, passkey_words=3, sink=4, recent=32,
                     haystack=(str(files / "domain.txt"),), save_every=2)
-    whole = identify(IdentifyConfig(out=str(tmp_path / "whole"), **settings), model=one_long_range_head_model(),
-                     tokenizer=CharTokenizer(modulo=96), progress=False)
-    out = tmp_path / "cut"
-    script = SCRIPT.format(tests=str(Path(__file__).parent), config={**settings, "out": str(out)})
+    out, go = tmp_path / "cut", tmp_path / "go"
+    script = SCRIPT.format(tests=str(Path(__file__).parent), config={**settings, "out": str(out)}, go=str(go))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    # the uninterrupted run, while the subprocess imports torch
+    whole = identify(IdentifyConfig(out=str(tmp_path / "whole"), **settings), model=one_long_range_head_model(),
+                     tokenizer=CharTokenizer(modulo=96), progress=False)
+    go.touch()
     state = out / "checkpoint" / "state.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not state.is_file():
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err, err  # stopped mid-run, not finished
     assert not (out / GATES_FILE).exists()
     done = json.loads(state.read_text())["step"]
-    assert 2 <= done < 10
+    assert 2 <= done < 6
     resumed = identify(IdentifyConfig(out=str(out), resume=True, **settings), model=one_long_range_head_model(),
                        tokenizer=CharTokenizer(modulo=96), progress=False)
     np.testing.assert_array_equal(resumed.pattern.gates, whole.pattern.gates)

@@ -27,8 +27,8 @@ from ..models import (
     load_tokenizer,
     model_config,
 )
-from ..quant.weights import WEIGHT_BITS
 from ..pattern import HeadPattern
+from ..quant.weights import WEIGHT_BITS
 from ..shipped import PATTERNS_DIR
 from . import plots
 from .methods import Method, parse_methods

@@ -27,7 +27,7 @@ from ..checks import UsageError, check_file, check_output_dir
 from ..data.haystack import load_essays, load_text_files
 from ..data.passkeys import PasskeyDataset
 from ..io import atomic_write_bytes, replace_directory
-from ..models import EMBEDDED_NAME, check_context, check_model_source, check_supported, load_model
+from ..models import EMBEDDED_NAME, check_context, check_supported, load_model, model_config
 from ..pattern import CONFIG_FILE, GATES_FILE, HeadPattern
 from .checkpoint import has_checkpoint
 from .plots import plot_gates, plot_history
@@ -53,8 +53,10 @@ OUTPUTS = (CHECKPOINT_DIR, HISTORY_FILE, GATES_PLOT, LOSS_PLOT)
 def check_inputs(config: IdentifyConfig, model_given: bool) -> None:
     """Every file the run reads or writes, checked before the model is loaded and before anything is written."""
     out = check_output_dir("out", config.out)
-    if not model_given:
-        check_model_source("model", config.model)
+    if not model_given:  # the model's config is read without its weights
+        cfg = model_config(config.model)
+        check_supported(cfg)
+        check_context(cfg, config.max_len, "max_len")
     for path in config.haystack:
         check_file("haystack file", path)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
