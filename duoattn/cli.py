@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .checks import UsageError, check_device
 
 if TYPE_CHECKING:  # the modules behind each command are imported only when it runs
     from .eval.harness import Task
+
+ConfigT = TypeVar("ConfigT")
 
 
 def _ints(text: str) -> list[int]:
@@ -220,25 +222,25 @@ def run_quant_bench(args: argparse.Namespace) -> None:
         raise ValueError("--kv-bits / --weight-bits measure capacity and decode on one --shapes model; they take no "
                          "--model, --prefill-contexts, --stock-contexts or --max-context-ratios")
     check_bench_args(args)
-    config = QuantBenchConfig(
-        out=args.out or "runs/bench-quant",
-        shape=args.shapes[0],
-        retrieval=args.ratios,
-        kv_bits=args.kv_bits or [16],
-        weight_bits=args.weight_bits or [16],
-        decode_len=args.contexts[0],
-        steps=args.steps,
-        warmup=args.warmup,
-        sink=args.sink,
-        recent=args.recent,
-        memory_budget_gib=args.memory_budget_gib,
-        reserve_gib=args.reserve_gib,
-        check_capacity=not args.no_capacity_check,
-        device=args.device,
-        seed=args.seed,
+    run(
+        on_this_machine(args, QuantBenchConfig(
+            out=args.out or "runs/bench-quant",
+            shape=args.shapes[0],
+            retrieval=args.ratios,
+            kv_bits=args.kv_bits or [16],
+            weight_bits=args.weight_bits or [16],
+            decode_len=args.contexts[0],
+            steps=args.steps,
+            warmup=args.warmup,
+            sink=args.sink,
+            recent=args.recent,
+            memory_budget_gib=args.memory_budget_gib,
+            reserve_gib=args.reserve_gib,
+            check_capacity=not args.no_capacity_check,
+            device=args.device,
+            seed=args.seed,
+        ))
     )
-    check_bench_machine(args)
-    run(config)
 
 
 BIG_SHAPE_BYTES = 4 << 30  # weights above this on a CPU are a mistake unless asked for by name
@@ -285,6 +287,12 @@ def check_bench_args(args: argparse.Namespace) -> None:
                 raise UsageError(f"--pattern {args.pattern} does not fit {name}: {err}") from None
 
 
+def on_this_machine(args: argparse.Namespace, config: ConfigT) -> ConfigT:
+    """``config``, once :func:`check_bench_machine` passed (called after the config checked its own settings)."""
+    check_bench_machine(args)
+    return config
+
+
 def check_bench_machine(args: argparse.Namespace) -> None:
     """Refuse a 7-8B shape on a machine without CUDA unless ``--device cpu`` asks for it (then warn)."""
     from .bench.shapes import shape_config
@@ -311,35 +319,34 @@ def run_bench(args: argparse.Namespace) -> None:
         run_quant_bench(args)
         return
     check_bench_args(args)
-
-    config = BenchConfig(
-        shapes=args.shapes,
-        model=args.model,
-        pattern=args.pattern,
-        ratios=args.ratios,
-        contexts=args.contexts,
-        prefill_contexts=args.prefill_contexts,
-        prefill_chunk=args.prefill_chunk,
-        stock_contexts=args.stock_contexts,
-        max_context_ratios=args.max_context_ratios,
-        sink=args.sink,
-        recent=args.recent,
-        steps=args.steps,
-        warmup=args.warmup,
-        decode_fill=args.decode_fill,
-        graph=not args.no_graph,
-        decode_kernel=args.decode_kernel,
-        streaming_kernel=args.streaming_kernel,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-        bandwidth=args.bandwidth,
-        profile=args.profile,
-        compile=args.compile,
-        out=args.out,
+    bench(
+        on_this_machine(args, BenchConfig(
+            shapes=args.shapes,
+            model=args.model,
+            pattern=args.pattern,
+            ratios=args.ratios,
+            contexts=args.contexts,
+            prefill_contexts=args.prefill_contexts,
+            prefill_chunk=args.prefill_chunk,
+            stock_contexts=args.stock_contexts,
+            max_context_ratios=args.max_context_ratios,
+            sink=args.sink,
+            recent=args.recent,
+            steps=args.steps,
+            warmup=args.warmup,
+            decode_fill=args.decode_fill,
+            graph=not args.no_graph,
+            decode_kernel=args.decode_kernel,
+            streaming_kernel=args.streaming_kernel,
+            dtype=args.dtype,
+            device=args.device,
+            seed=args.seed,
+            bandwidth=args.bandwidth,
+            profile=args.profile,
+            compile=args.compile,
+            out=args.out,
+        ))
     )
-    check_bench_machine(args)
-    bench(config)
 
 
 # ----------------------------------------------------------------------------------------------- identify

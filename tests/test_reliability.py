@@ -328,7 +328,8 @@ def test_bad_prompts_are_refused_before_generation(ids, message):
     ("a-file/x", "does not exist"),
 ])
 def test_bad_haystack_files_are_refused_before_the_model_is_loaded(tmp_path, files, capsys, name, message):
-    code, err = cli(["identify", "--out", tmp_path / "o", "--haystack", files / name], capsys)  # embedded model
+    code, err = cli(["identify", "--out", tmp_path / "o", "--model", files / "tiny", "--min-len", 350, "--max-len", 400,
+                     "--haystack", files / name], capsys)
     assert code == 2 and re.search(message, err), err
     with pytest.raises((UsageError, FileNotFoundError), match=message):
         identify_run(tmp_path / "o2", files / name)
