@@ -12,7 +12,15 @@ from .eval.generation import GenerationSettings, generate_answer
 from .eval.methods import Method
 from .eval.passkey import MAX_NEW_TOKENS as PASSKEY_NEW_TOKENS
 from .eval.passkey import passkey_sample, score_passkey
-from .models import EMBEDDED_NAME, check_context, check_model_source, check_pattern_shape, load_model, model_config
+from .models import (
+    EMBEDDED_NAME,
+    check_context,
+    check_model_source,
+    check_pattern_shape,
+    load_model,
+    load_tokenizer,
+    model_config,
+)
 from .pattern import HeadPattern
 from .shipped import shipped_pattern_dir
 
@@ -67,18 +75,21 @@ def run_demo(config: DemoConfig) -> list[DemoRow]:
     check_pattern_shape(pattern.shape, cfg)
     # A passkey prompt of length n plus the answer it generates must fit the context.
     check_context(cfg, max(config.lengths) + PASSKEY_NEW_TOKENS, "lengths (+ the answer's tokens)")
-    model, tokenizer = load_model(config.model, device=config.device)
-    sink = pattern.sink if config.sink is None else config.sink
-    recent = pattern.recent if config.recent is None else config.recent
-    methods = [Method("full"), Method("duo", config.sparsity), Method("streaming")]
-    settings = GenerationSettings(max_new_tokens=PASSKEY_NEW_TOKENS, prefill_chunk_size=config.prefill_chunk_size)
-    samples = {
+    tokenizer = load_tokenizer(config.model)
+    samples = {  # built before the weights are loaded: a length too short for a passkey prompt is refused here
         length: [
             passkey_sample(tokenizer, length, depth=(i + 0.5) / config.samples, seed=config.seed + 1000 * length + i)
             for i in range(config.samples)
         ]
         for length in config.lengths
     }
+    longest = max(len(s.input_ids) for prompts in samples.values() for s in prompts)
+    check_context(cfg, longest + PASSKEY_NEW_TOKENS, "the longest prompt (+ the answer's tokens)")
+    model, tokenizer = load_model(config.model, device=config.device)
+    sink = pattern.sink if config.sink is None else config.sink
+    recent = pattern.recent if config.recent is None else config.recent
+    methods = [Method("full"), Method("duo", config.sparsity), Method("streaming")]
+    settings = GenerationSettings(max_new_tokens=PASSKEY_NEW_TOKENS, prefill_chunk_size=config.prefill_chunk_size)
     rows = []
     progress = tqdm(total=len(methods) * len(config.lengths) * config.samples, desc="passkey", unit="prompt")
     for method in methods:

@@ -71,6 +71,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     char_tokenizer().save_pretrained(root / "tiny")
     HeadPattern.random(2, 2, seed=1, sink=4, recent=16).save(root / "pattern")
     HeadPattern.random(3, 2, seed=1, sink=4, recent=16).save(root / "pattern-3x2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=512)).save_pretrained(
+        root / "gpt2")
+    char_tokenizer().save_pretrained(root / "gpt2")
     (root / "a-file").write_text("not a directory\n")
     (root / "binary.txt").write_bytes(b"\x00\x01\x02PNG\x00" * 50)
     (root / "latin1.txt").write_bytes("Caf\xe9 au lait. ".encode("latin-1") * 50)
@@ -254,6 +257,24 @@ def test_demo_refuses_lengths_past_the_context(files):
     config = DemoConfig(model=str(files / "tiny"), pattern=str(files / "pattern"), lengths=[300, 600], device="cpu")
     with pytest.raises(UsageError, match=r"lengths \(\+ the answer's tokens\)=608 exceeds the context"):
         run_demo(config)
+
+
+def test_demo_checks_everything_before_loading_the_weights_then_runs(files, monkeypatch, capsys):
+    import duoattn.demo as demo
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the arguments were checked")
+
+    config = DemoConfig(model=str(files / "tiny"), pattern=str(files / "pattern"), lengths=[30, 400], samples=1,
+                        device="cpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "load_model", no_weights)
+        with pytest.raises(UsageError, match="length 30 is too short"):
+            run_demo(config)
+    rows = run_demo(DemoConfig(**{**config.__dict__, "lengths": [400]}))
+    assert [r.method for r in rows] == ["full", "duo-50%", "streaming"]
+    assert rows[0].kv_bytes[400] > rows[1].kv_bytes[400] > rows[2].kv_bytes[400]  # streaming heads hold less
+    assert "acc@400" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------- bug 7
@@ -475,6 +496,13 @@ CLI_CASES = {
     "demo --sparsity nan": (["demo", "--sparsity", "nan"], "expected a number in"),
     "demo pattern of another model": (["demo", "--model", "{files}/tiny", "--pattern", "{files}/pattern-3x2",
                                        "--device", "cpu"], r"pattern has shape \(3, 2\)"),
+    "identify on an unsupported model": (["identify", "--model", "{files}/gpt2", "--out", "{tmp}/o"],
+                                         "does not support model_type 'gpt2'"),
+    "demo on an unsupported model": (["demo", "--model", "{files}/gpt2", "--pattern", "{files}/pattern"],
+                                     "does not support model_type 'gpt2'"),
+    "demo --lengths too short for a passkey": (["demo", "--model", "{files}/tiny", "--pattern", "{files}/pattern",
+                                                "--lengths", "30", "--device", "cpu"],
+                                               "length 30 is too short for a passkey prompt"),
     "identify --resume and --overwrite": (["identify", "--resume", "--overwrite", "--out", "{tmp}/o"], "not both"),
 }
 
