@@ -2,7 +2,8 @@
 is loaded or any file is written; outputs change as a whole; loaded files are checked completely.
 
 docs/reliability.md lists these cases and what each gets. Models are tiny and random, the tokenizer is one token per
-character (built in-process), so nothing is downloaded and every case takes well under a second or two.
+character (built in-process), so nothing is downloaded; a case takes a second or two (the SIGINT test starts one
+subprocess).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ CONTEXT = 512  # max_position_embeddings of the tiny model on disk
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (ids 2..96), <unk> 0, <eos> 1."""
+    """One token per printable ASCII character or newline (ids 2..97), <unk> 0, <eos> 1."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
@@ -60,7 +61,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory) -> Path:
     """A tiny model directory (512 positions, 2 layers x 2 KV heads), patterns that fit it and do not, bad files."""
     root = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)
