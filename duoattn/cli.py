@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+from .checks import UsageError, check_device
 
 if TYPE_CHECKING:  # the modules behind each command are imported only when it runs
     from .eval.harness import Task
+
+ConfigT = TypeVar("ConfigT")
 
 
 def _ints(text: str) -> list[int]:
@@ -254,12 +258,81 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="directory for config.json, results.json, table.txt, decode.png")
 
 
+BIG_SHAPE_BYTES = 4 << 30  # weights above this on a CPU are a mistake unless asked for by name
+
+
+def _shape_weight_bytes(cfg, dtype: str) -> int:
+    """Bytes of a Llama shape's weights (untied embeddings), from its config alone."""
+    import torch
+
+    from .models import head_dim
+
+    h, hd = cfg.hidden_size, head_dim(cfg)
+    per_layer = h * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 3 * h * cfg.intermediate_size
+    params = cfg.num_hidden_layers * per_layer + 2 * cfg.vocab_size * h
+    return params * getattr(torch, dtype).itemsize
+
+
+def check_bench_args(args: argparse.Namespace) -> None:
+    """What ``duoattn bench`` can check before it builds a model or writes a file (duoattn/bench/ trusts it)."""
+    from .bench.shapes import SHAPES, shape_config
+    from .checks import check_choice, check_output_dir
+    from .models import check_model_source, check_pattern_shape, model_config
+    from .pattern import HeadPattern
+
+    if args.out is not None:
+        check_output_dir("--out", args.out)
+    if args.device is not None:
+        args.device = check_device("--device", args.device)
+    check_choice("--dtype", args.dtype, ("bfloat16", "float16", "float32"))
+    if args.model is not None:
+        check_model_source("--model", args.model)
+        configs = {args.model: model_config(args.model)}
+    else:
+        unknown = [s for s in args.shapes if s not in SHAPES]
+        if unknown:
+            raise UsageError(f"--shapes: unknown model shape(s) {unknown}; known: {', '.join(SHAPES)}")
+        configs = {shape: shape_config(shape) for shape in args.shapes}
+    if args.pattern is not None:
+        pattern = HeadPattern.load(args.pattern)
+        for name, cfg in configs.items():
+            try:
+                check_pattern_shape(pattern.shape, cfg)
+            except UsageError as err:
+                raise UsageError(f"--pattern {args.pattern} does not fit {name}: {err}") from None
+
+
+def on_this_machine(args: argparse.Namespace, config: ConfigT) -> ConfigT:
+    """``config``, once :func:`check_bench_machine` passed (called after the config checked its own settings)."""
+    check_bench_machine(args)
+    return config
+
+
+def check_bench_machine(args: argparse.Namespace) -> None:
+    """Refuse a 7-8B shape on a machine without CUDA unless ``--device cpu`` asks for it (then warn)."""
+    from .bench.shapes import shape_config
+    from .models import default_device
+
+    if args.model is None and (args.device or default_device()).startswith("cpu"):
+        big = {s: _shape_weight_bytes(shape_config(s), args.dtype) for s in args.shapes}
+        big = {s: n for s, n in big.items() if n > BIG_SHAPE_BYTES}
+        for shape, nbytes in big.items():
+            what = (f"--shapes {shape} builds a {nbytes / 1e9:.0f} GB {args.dtype} model and a "
+                    f"{max(args.contexts)}-token cache")
+            if args.device is None:
+                raise UsageError(f"{what}, and this machine has no CUDA GPU: use --shapes tiny, or pass --device cpu "
+                                 "to run it on the CPU anyway")
+            print(f"duoattn bench: warning: {what} on the CPU; this needs that much memory and takes long",
+                  file=sys.stderr)
+
+
 def run_bench(args: argparse.Namespace) -> None:
     from .bench import BenchConfig
     from .bench import run_bench as bench
 
+    check_bench_args(args)
     bench(
-        BenchConfig(
+        on_this_machine(args, BenchConfig(
             shapes=args.shapes,
             model=args.model,
             pattern=args.pattern,
@@ -285,7 +358,7 @@ def run_bench(args: argparse.Namespace) -> None:
             reserve_gib=args.reserve_gib,
             profile=args.profile,
             out=args.out,
-        )
+        ))
     )
 
 
@@ -323,6 +396,7 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
                         "(default auto: on for CUDA, off for the CPU)")
     p.add_argument("--student-kernel", choices=KERNELS, default="auto",
                    help="streaming attention of the student (default auto: flex on CUDA, blocks on the CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that holds another run")
 
 
 PRESET_FLAGS = ("steps", "min_len", "max_len", "num_passkeys", "passkey_words", "lr", "reg", "sink", "recent")
@@ -342,6 +416,7 @@ def run_identify(args: argparse.Namespace) -> None:
         seed=args.seed,
         save_every=args.save_every,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpointing=args.checkpointing,
         student_kernel=args.student_kernel,
         **given,
@@ -497,9 +572,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        # UsageError: an argument or input file checked before any work; the others: user errors found while
+        # loading (a pattern, a checkpoint, a model), whose messages name what was wrong.
         print(f"duoattn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"duoattn {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

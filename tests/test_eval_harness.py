@@ -134,13 +134,17 @@ def test_resume_skips_finished_cells_and_keeps_them(tmp_path, model, tok, patter
         run_eval(niah_config(tmp_path, pattern_dir, methods="full"), TASK, model, tok)
 
 
+STORED_CELL = {"method": "m", "label": "m", "kind": "full", "sparsity": None, "seed": None, "retrieval_ratio": 1.0,
+               "sample": "s1", "task": "t", "length": 100, "score": 1.0, "kv_bytes": 10, "seconds": 0.5}
+
+
 def test_store_refuses_a_damaged_cells_file(tmp_path):
     store = ResultStore(tmp_path, {"a": 1})
-    store.append({"method": "m", "sample": "s1", "score": 1.0})
+    store.append(STORED_CELL)
     with pytest.raises(ValueError, match="already recorded"):
-        store.append({"method": "m", "sample": "s1", "score": 0.0})
+        store.append({**STORED_CELL, "score": 0.0})
     with open(tmp_path / "cells.jsonl", "a") as fh:
-        fh.write("{broken\n" + json.dumps({"method": "m", "sample": "s2"}) + "\n")
+        fh.write("{broken\n" + json.dumps({**STORED_CELL, "sample": "s2"}) + "\n")
     with pytest.raises(ValueError, match="line 2, is not valid JSON"):
         ResultStore(tmp_path, {"a": 1})
 

@@ -67,7 +67,7 @@ def test_gates_at_zero_are_the_deployed_streaming_model(family, ids):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_short_run_moves_the_gates_of_the_global_layers(family, tmp_path: Path):
     model = build(family)
-    config = IdentifyConfig(out=str(tmp_path), steps=4, lr=0.05, sink=SINK, recent=RECENT, min_len=8, max_len=8)
+    config = IdentifyConfig(out=str(tmp_path), steps=4, lr=0.05, sink=SINK, recent=RECENT, min_len=96, max_len=96)
     result = train_gates(model, random_samples(96, 40), config, config.settings(), tmp_path / "ckpt", progress=False)
     local = torch.tensor([w is not None for w in sliding_windows(model.config)])
     gates = result.gates

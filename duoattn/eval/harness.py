@@ -13,11 +13,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..hub import resolve_pattern_dir
-from ..models import EMBEDDED_NAME, default_device, load_model, load_tokenizer
+from ..checks import UsageError, check_choice, check_device, check_dtype, check_int, check_ints, check_output_dir
+from ..models import (
+    EMBEDDED_NAME,
+    check_context,
+    check_model_source,
+    check_pattern_shape,
+    check_supported,
+    default_device,
+    load_model,
+    load_tokenizer,
+    model_config,
+)
 from ..pattern import HeadPattern
+from ..quant.weights import WEIGHT_BITS
 from ..shipped import PATTERNS_DIR
 from . import plots
 from .methods import Method, parse_methods
@@ -74,16 +86,19 @@ class EvalConfig:
     weight_bits: int = 16
 
     def __post_init__(self) -> None:
+        check_output_dir("out_dir", self.out_dir)
+        if self.dtype is not None:
+            self.dtype = check_dtype("dtype", self.dtype)
+        if self.device is not None:
+            self.device = check_device("device", self.device)
+        self.kv_bits = check_ints("kv_bits", self.kv_bits, 1)
+        check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
         if any(not 0.0 <= s <= 1.0 for s in self.sparsities) or not self.sparsities:
             raise ValueError(f"sparsities must be fractions in [0, 1], got {self.sparsities}")
-        if self.random_seeds < 1:
-            raise ValueError(f"random_seeds must be >= 1, got {self.random_seeds}")
-        for name in ("max_new_tokens", "prefill_chunk_size", "recent"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.sink is not None and self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        check_int("random_seeds", self.random_seeds, 1)
+        for name, minimum in (("max_new_tokens", 1), ("prefill_chunk_size", 1), ("recent", 1), ("sink", 0)):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum)
         if not self.method_list():
             raise ValueError("methods must name at least one of full, duo, streaming, random")
 
@@ -109,11 +124,20 @@ def _pattern(config: EvalConfig, methods: list[Method]) -> tuple[HeadPattern | N
     directory = config.pattern_dir()
     if directory is None:
         if any(m.kind == "duo" for m in methods):
-            raise ValueError("method 'duo' needs a learned pattern: pass --pattern DIR (made by `duoattn identify`)")
+            raise UsageError("method 'duo' needs a learned pattern: pass --pattern DIR (made by `duoattn identify`)")
         return None, {"path": None}
     pattern = HeadPattern.load(directory)
     digest = hashlib.sha256(pattern.gates.tobytes()).hexdigest()[:16]
     return pattern, {"path": str(directory), "gates_sha256": digest, "sink": pattern.sink, "recent": pattern.recent}
+
+
+def check_model(cfg: PretrainedConfig, methods: list[Method], learned: HeadPattern | None, longest: int) -> None:
+    """What must hold between the model and the run, checked on its config before any weight is read."""
+    check_context(cfg, longest, "lengths")
+    if any(m.kind != "full" for m in methods):
+        check_supported(cfg)
+        if learned is not None and any(m.kind == "duo" for m in methods):  # only duo runs the learned gates
+            check_pattern_shape(learned.shape, cfg)
 
 
 def run_config(
@@ -166,11 +190,19 @@ def run_eval(
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both model and tokenizer, or neither")
     methods = config.method_list()
+    if model is None:
+        check_model_source("model", config.model)
     learned, pattern_info = _pattern(config, methods)
     sink = config.sink if config.sink is not None else learned.sink if learned else DEFAULT_SINK
     recent = config.recent if config.recent is not None else learned.recent if learned else DEFAULT_RECENT
+    cfg = model.config if model is not None else model_config(config.model)
+    check_model(cfg, methods, learned, max(getattr(task, "lengths", None) or [0]))
     tokenizer = tokenizer or load_tokenizer(config.model)
     samples = task.samples(tokenizer, config.chat_template)
+    for sample in samples:  # the prompt as built, with the tokens it may generate
+        budget = sample.max_new_tokens if config.max_new_tokens is None else min(sample.max_new_tokens,
+                                                                                config.max_new_tokens)
+        check_context(cfg, len(sample.input_ids) + budget, f"prompt {sample.key} (tokens + max_new_tokens)")
     store = ResultStore(config.out_dir, run_config(config, task, methods, pattern_info, sink, recent, model))
 
     def write_results(_: Method) -> None:

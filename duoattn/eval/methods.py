@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
+from ..checks import UsageError
 from ..models import text_config
 from ..deploy import DuoAttentionHandle, duo_attention
 from ..pattern import HeadPattern
@@ -67,10 +68,10 @@ class Method:
 
     def pattern(self, model: PreTrainedModel, learned: HeadPattern | None, sink: int, recent: int) -> HeadPattern | None:
         """The head pattern this method runs with (None for full attention)."""
+        if self.kind == "full":  # before reading the config: full attention runs any causal LM
+            return None
         cfg = text_config(model)
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads)
-        if self.kind == "full":
-            return None
         if self.kind == "streaming":
             return HeadPattern.uniform(*shape, value=0.0, sink=sink, recent=recent)
         if self.kind == "random":
@@ -110,5 +111,10 @@ def parse_methods(
                 Method("random", s, seed, b) for s in sparsities for b in kv_bits for seed in range(random_seeds)
             )
         else:
-            raise ValueError(f"unknown method {kind!r}; choose from {', '.join(KINDS)}")
+            raise UsageError(f"unknown method {kind!r}; choose from {', '.join(KINDS)}")
+    if any(b != 16 for b in kv_bits) and all(m.kind == "full" for m in methods):
+        raise UsageError(
+            f"kv_bits {list(kv_bits)} quantise the cache of duo, streaming and random heads; methods {spec!r} "
+            "has none of them ('full' runs the unpatched model)"
+        )
     return methods

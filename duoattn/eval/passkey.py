@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from ..checks import UsageError
 from .prompts import Sample
 
 INTRO = (
@@ -41,6 +42,12 @@ def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float
     key = str(random.Random(seed).randint(10000, 99999))
     fixed = len(tokenizer(INTRO + NEEDLE.format(key=key) + QUESTION, add_special_tokens=False).input_ids)
     per_filler = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
+    shortest = fixed + per_filler + len(tokenizer("").input_ids)  # one filler sentence and the special tokens
+    if length < shortest:
+        raise UsageError(
+            f"length {length} is too short for a passkey prompt: the instructions, the passkey, the question and "
+            f"one filler sentence take {shortest} tokens; use a length of at least {shortest}"
+        )
     repeats = max(1, (length - fixed) // per_filler)
     before = round(depth * repeats)
     text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (repeats - before) + QUESTION

@@ -1,8 +1,10 @@
 """``duoattn identify`` end to end: check the inputs, load the model and the haystack, train the gates, write the
 pattern directory (upstream format), the history and the plots.
 
-Every input is checked before the first step, so bad input never leaves a pattern behind; the pattern files are
-written only once training has finished, each to a temporary name first.
+Every input is checked before the model is loaded and before anything is written, so bad input never leaves a
+file behind. A non-empty output directory is refused unless it is a run to resume (``resume``) or is to be
+replaced (``overwrite``). Once training has finished, the whole output directory (pattern, history, plots,
+checkpoint) is built beside the old one and swapped in: a reader sees the old run or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import tempfile
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,13 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import __version__
+from ..checks import UsageError, check_file, check_output_dir
 from ..data.haystack import load_essays, load_text_files
 from ..data.passkeys import PasskeyDataset
-from ..io import atomic_write_bytes
-from ..models import EMBEDDED_NAME, check_supported, load_model
-from ..pattern import HeadPattern
+from ..io import atomic_write_bytes, replace_directory
+from ..models import EMBEDDED_NAME, check_context, check_supported, load_model, model_config
+from ..pattern import CONFIG_FILE, GATES_FILE, HeadPattern
+from .checkpoint import has_checkpoint
 from .plots import plot_gates, plot_history
 from .train import IdentifyConfig, train_gates
 
@@ -43,18 +47,30 @@ class IdentifyResult:
     out: Path
 
 
-def check_writable(out: Path) -> None:
-    """Refuse an output directory that cannot be created or written, before any work is done."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise NotADirectoryError(f"cannot use {str(out)!r} as output directory: {str(probe)!r} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        raise PermissionError(f"cannot write to output directory {str(out)!r}: {err}") from None
+PATTERN_FILES = (GATES_FILE, CONFIG_FILE)
+OUTPUTS = (CHECKPOINT_DIR, HISTORY_FILE, GATES_PLOT, LOSS_PLOT)
+
+
+def check_inputs(config: IdentifyConfig, model_given: bool) -> None:
+    """Every file the run reads or writes, checked before the model is loaded and before anything is written."""
+    out = check_output_dir("out", config.out)
+    if not model_given:  # the model's config is read without its weights
+        cfg = model_config(config.model)
+        check_supported(cfg)
+        if not config.fit_context:  # a preset's lengths are capped at the model's context instead
+            check_context(cfg, config.max_len, "max_len")
+    for path in config.haystack:
+        check_file("haystack file", path)
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries or config.overwrite:
+        return
+    if config.resume and has_checkpoint(out / CHECKPOINT_DIR):
+        return  # the checkpoint's settings are compared with this run's before the first step
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    hint = "it holds no checkpoint to resume" if config.resume else "pass --resume to continue the run there"
+    raise UsageError(
+        f"out {str(out)!r} is not empty ({shown}); {hint}, --overwrite to replace it, or choose another directory"
+    )
 
 
 def load_haystack(paths: tuple[str, ...]) -> str:
@@ -84,7 +100,8 @@ def identify(
 ) -> IdentifyResult:
     """Identify retrieval heads; see :class:`IdentifyConfig`. ``model`` / ``tokenizer`` override ``config.model``."""
     out = Path(config.out)
-    check_writable(out)
+    check_inputs(config, model is not None)
+    text = load_haystack(config.haystack)  # read (and checked) before the model is loaded
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
         model_name = config.model or EMBEDDED_NAME
@@ -96,9 +113,7 @@ def identify(
     context = getattr(cfg, "max_position_embeddings", None)
     if config.fit_context and context is not None and config.max_len > context:
         config = dataclasses.replace(config, max_len=context, min_len=min(config.min_len, context))
-    if context is not None and config.max_len > context:
-        raise ValueError(f"max_len={config.max_len} exceeds the context of the model ({context} tokens)")
-    text = load_haystack(config.haystack)
+    check_context(model, config.max_len, "max_len")
     dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed, fit_min_len=config.fit_context)
     if dataset.config.min_len != config.min_len:  # fit_context: the shortest sample that holds the passkeys
         config = dataclasses.replace(config, min_len=dataset.config.min_len)
@@ -110,6 +125,8 @@ def identify(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "haystack_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
+    if config.overwrite:  # everything is checked: the old run's checkpoint must not be resumed into this one
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     with _deterministic(device):
         result = train_gates(model, dataset.sample, config, settings, out / CHECKPOINT_DIR, progress)
 
@@ -129,9 +146,16 @@ def identify(
     for key in ("sink", "recent"):  # saved as the upstream sink_size / recent_size
         metadata.pop(key)
     pattern = HeadPattern(result.gates.double().numpy(), sink=config.sink, recent=config.recent, metadata=metadata)
-    pattern.save(out)
-    atomic_write_bytes(out / HISTORY_FILE, (json.dumps(history, indent=1) + "\n").encode("utf-8"))
     title = f"{model_name}: {len(history)} steps, sink {config.sink}, recent {config.recent}"
-    plot_gates(pattern.gates, out / GATES_PLOT, title)
-    plot_history(history, out / LOSS_PLOT, title)
+
+    def fill(new: Path) -> None:
+        pattern.write_files(new)
+        atomic_write_bytes(new / HISTORY_FILE, (json.dumps(history, indent=1) + "\n").encode("utf-8"))
+        plot_gates(pattern.gates, new / GATES_PLOT, title)
+        plot_history(history, new / LOSS_PLOT, title)
+
+    # The checkpoint comes along (a finished run can be resumed with more steps); with --overwrite nothing else of
+    # the old directory does, with --resume everything the run did not write itself (a README) does.
+    replace_directory(out, fill, keep=lambda name: name == CHECKPOINT_DIR or (config.resume and name not in OUTPUTS
+                                                                               and name not in PATTERN_FILES))
     return IdentifyResult(pattern, history, out)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from ..checks import check_int
+from ..checks import UsageError, check_device, check_dtype, check_int
 from ..data.passkeys import PasskeyConfig
 from ..models import head_dim, sliding_windows, text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
@@ -80,6 +80,7 @@ class IdentifyConfig:
             or ``auto``: on for CUDA, off for the CPU.
         student_kernel: the student's streaming attention, ``flex``, ``blocks`` or ``auto`` (flex on CUDA when it
             works there, else blocks).
+        overwrite: replace a non-empty ``out`` that holds no resumable run (without it such an ``out`` is refused).
     """
 
     out: str
@@ -102,6 +103,7 @@ class IdentifyConfig:
     fit_context: bool = False
     checkpointing: str = "auto"
     student_kernel: str = "auto"
+    overwrite: bool = False
     passkeys: PasskeyConfig = field(init=False, repr=False)
 
     @classmethod
@@ -127,8 +129,21 @@ class IdentifyConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_dtype("dtype", self.dtype, DTYPES)
+        if self.device is not None:
+            self.device = check_device("device", self.device)
+        if self.resume and self.overwrite:
+            raise UsageError("give resume (continue the run in out) or overwrite (replace it), not both")
+        for name in ("max_len", "min_len"):
+            # Up to sink + recent tokens a streaming head sees the whole sample: such samples teach the gates
+            # nothing (the distillation loss is 0 whatever the gates) while the regulariser still pulls them down.
+            check_int(name, getattr(self, name), 1)
+            if getattr(self, name) <= self.sink + self.recent:
+                raise UsageError(
+                    f"{name}={getattr(self, name)} must exceed sink + recent = {self.sink} + {self.recent} = "
+                    f"{self.sink + self.recent}: shorter samples fit the streaming window whole and teach the gates "
+                    "nothing"
+                )
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.student_kernel not in KERNELS:
@@ -142,7 +157,8 @@ class IdentifyConfig:
 
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the result, JSON-ready (a resume must match them)."""
-        skip = {"out", "resume", "save_every", "passkeys", "fit_context", "checkpointing", "student_kernel"}
+        skip = {"out", "resume", "overwrite", "save_every", "passkeys", "fit_context", "checkpointing",
+                "student_kernel"}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         values["haystack"] = list(self.haystack)
         values["min_depth"], values["max_depth"] = self.passkeys.min_depth, self.passkeys.max_depth
