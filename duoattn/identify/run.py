@@ -99,8 +99,8 @@ def identify(
     if context is not None and config.max_len > context:
         raise ValueError(f"max_len={config.max_len} exceeds the context of the model ({context} tokens)")
     text = load_haystack(config.haystack)
-    dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed, fit_min_len=config.fit_context)
-    if dataset.config.min_len != config.min_len:  # fit_context: the shortest sample that holds the passkeys
+    dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed, fit_min_len=config.fit_min_len)
+    if dataset.config.min_len != config.min_len:  # fit_min_len: the shortest sample that holds the passkeys
         config = dataclasses.replace(config, min_len=dataset.config.min_len)
     device = next(model.parameters()).device
     settings = {
