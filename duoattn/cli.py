@@ -443,7 +443,8 @@ def add_bench_identify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default="auto")
     p.add_argument("--student-kernel", choices=KERNELS, default="auto")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds; longer lengths that would not fit are skipped")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; longer lengths that would not fit in them are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-identify", help="output directory (default runs/bench-identify)")
 

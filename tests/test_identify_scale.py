@@ -190,8 +190,11 @@ def run(model, tmp_path: Path, name: str, sample_fn, **kwargs):
     return train_gates(model, sample_fn, config, config.settings(), tmp_path / name / "ckpt", progress=False)
 
 
-def test_checkpointing_gives_the_same_gates(tmp_path):
-    samples = random_samples(120, 10)  # loss on the last 10 tokens: the student starts late
+@pytest.mark.parametrize("chunk_pairs", [None, 300])  # 300: attention in chunks, checkpointed inside the layers
+def test_checkpointing_gives_the_same_gates(tmp_path, monkeypatch, chunk_pairs):
+    if chunk_pairs is not None:
+        monkeypatch.setattr("duoattn.identify.streaming.CHUNK_PAIRS", chunk_pairs)
+    samples = random_samples(120, 60)  # loss on the last 60 tokens: the student starts at 53, 67 queries
     plain = run(one_long_range_head_model(), tmp_path, "plain", samples, checkpointing="off")
     recomputed = run(one_long_range_head_model(), tmp_path, "recomputed", samples, checkpointing="on")
     assert not plain.checkpointing and recomputed.checkpointing
@@ -276,10 +279,12 @@ def test_the_paper_preset_and_explicit_settings(tmp_path):
     paper = IdentifyConfig.preset("paper", out=str(tmp_path))
     assert (paper.steps, paper.min_len, paper.max_len, paper.num_passkeys, paper.passkey_words) == (2000, 1000, 32000,
                                                                                                     10, 32)
-    assert (paper.lr, paper.reg, paper.sink, paper.recent, paper.fit_context) == (0.02, 0.05, 128, 256, True)
+    assert (paper.lr, paper.reg, paper.sink, paper.recent, paper.fit_context, paper.fit_min_len) == (
+        0.02, 0.05, 128, 256, True, True)
     default = IdentifyConfig.preset("default", out=str(tmp_path))
-    assert default == IdentifyConfig(out=str(tmp_path)) and not default.fit_context
-    assert not IdentifyConfig.preset("paper", out=str(tmp_path), max_len=4000).fit_context  # a length asked for
+    assert default == IdentifyConfig(out=str(tmp_path)) and not default.fit_context and not default.fit_min_len
+    asked = IdentifyConfig.preset("paper", out=str(tmp_path), max_len=4000)  # a length asked for is kept
+    assert not asked.fit_context and asked.fit_min_len and asked.max_len == 4000
     with pytest.raises(ValueError, match="unknown preset"):
         IdentifyConfig.preset("fast", out=str(tmp_path))
     args = build_parser().parse_args(["identify", "--out", str(tmp_path), "--preset", "paper", "--steps", "7"])

@@ -101,7 +101,8 @@ class _Sample:
 
 
 def random_samples(length: int, loss_tokens: int, vocab: int, seed: int) -> Any:
-    """``sample_fn(k)``: ``length`` random ids, the loss on the last ``loss_tokens`` positions (at most ``length - 1``)."""
+    """``sample_fn(k)``: ``length`` random ids, the loss on the last ``loss_tokens`` positions (at most
+    ``length - 1``)."""
     n_loss = min(loss_tokens, length - 1)
 
     def sample_fn(step: int) -> _Sample:
@@ -187,9 +188,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["status"] == "ok":
             lines.append(f"| {_tokens(r['length'])} | {r['student_positions']} | {r['seconds_per_step']:.2f} | "
-                         f"{r['peak_gib']:.1f} GiB | {r['kernel']} | {'on' if r['checkpointing'] else 'off'} |")
+                         f"{r['peak_gib']:.3g} GiB | {r['kernel']} | {'on' if r['checkpointing'] else 'off'} |")
         else:
-            peak = f"{r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else "-"
+            peak = f"{r['peak_gib']:.3g} GiB" if r.get("peak_gib") is not None else "-"
             lines.append(f"| {_tokens(r['length'])} | {r['student_positions']} | {r['status']} | {peak} | | |")
     return "\n".join(lines)
 
@@ -218,9 +219,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         plt.close(fig)
 
 
-def run_identify_bench(config: IdentifyBenchConfig, progress: bool = True) -> dict[str, Any]:
+def run_identify_bench(
+    config: IdentifyBenchConfig, progress: bool = True, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
     """Measure every length of ``config``; write the outputs after each one (an interrupted run keeps what it has);
-    return the report (also ``results.json``)."""
+    return the report (also ``results.json``). ``model``: one already built with :func:`.shapes.build_random_model`
+    for ``config.shape`` on the device, in the dtype."""
     device = torch.device(config.device or default_device())
     dtype = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     out = Path(config.out)
@@ -229,7 +233,8 @@ def run_identify_bench(config: IdentifyBenchConfig, progress: bool = True) -> di
     write_json(out / "config.json", {"bench": {**asdict(config), "dtype": dtype}, "shape": SHAPES[config.shape],
                                      "environment": env})
     tic = time.perf_counter()
-    model = build_random_model(config.shape, device, DTYPES[dtype], seed=config.seed)
+    if model is None:
+        model = build_random_model(config.shape, device, DTYPES[dtype], seed=config.seed)
     build_seconds = time.perf_counter() - tic
     rows: list[dict[str, Any]] = []
     last: tuple[int, float] | None = None  # (length, seconds per step) of the last length measured
@@ -246,8 +251,8 @@ def run_identify_bench(config: IdentifyBenchConfig, progress: bool = True) -> di
         row: dict[str, Any] = {"length": length,
                                "student_positions": student_positions(config, length)}
         if last is not None and config.time_budget_s is not None and stop is None:
-            # step time grows at most quadratically in the length (the teacher's full attention)
-            estimate = last[1] * (length / last[0]) ** 2 * (config.warmup + config.steps)
+            # a step grows between linearly (layers) and quadratically (the teacher's full attention) in the length
+            estimate = last[1] * (length / last[0]) ** 1.5 * (config.warmup + config.steps)
             if time.perf_counter() - tic + estimate > config.time_budget_s:
                 stop = f"skipped: about {estimate:.0f} s would exceed the time budget of {config.time_budget_s:.0f} s"
         if stop is not None:

@@ -114,8 +114,8 @@ def identify(
     if config.fit_context and context is not None and config.max_len > context:
         config = dataclasses.replace(config, max_len=context, min_len=min(config.min_len, context))
     check_context(model, config.max_len, "max_len")
-    dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed, fit_min_len=config.fit_context)
-    if dataset.config.min_len != config.min_len:  # fit_context: the shortest sample that holds the passkeys
+    dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed, fit_min_len=config.fit_min_len)
+    if dataset.config.min_len != config.min_len:  # fit_min_len: the shortest sample that holds the passkeys
         config = dataclasses.replace(config, min_len=dataset.config.min_len)
     device = next(model.parameters()).device
     settings = {

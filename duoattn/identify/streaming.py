@@ -45,7 +45,8 @@ def resolve_kernel(name: str, device: torch.device) -> str:
     if name == "auto":
         return "flex" if device.type == "cuda" else "blocks"
     if name == "flex" and device.type != "cuda":
-        raise ValueError(f"the flex student kernel needs a CUDA device (FlexAttention has no CPU backward), got {device}")
+        raise ValueError(f"the flex student kernel needs a CUDA device (FlexAttention has no CPU backward), "
+                         f"got {device}")
     return name
 
 
@@ -132,11 +133,13 @@ def blocked_streaming_attention(
     scale: float,
     softcap: float | None = None,
     block: int | None = None,
-    chunk_pairs: int = CHUNK_PAIRS,
+    chunk_pairs: int | None = None,
 ) -> torch.Tensor:
-    """Token-exact sink + recent attention (see the module docstring) -> ``[B, Hq, C, D]``."""
+    """Token-exact sink + recent attention (see the module docstring) -> ``[B, Hq, C, D]``; ``chunk_pairs``
+    defaults to :data:`CHUNK_PAIRS`."""
     k_run, v_run, run_start, first = _trim_run(q, k_sink.shape[-2], k_run, v_run, run_start, recent)
     c, num_sink = q.shape[-2], k_sink.shape[-2]
+    chunk_pairs = CHUNK_PAIRS if chunk_pairs is None else chunk_pairs
     block = min(block or default_block(recent), c)
     blocks_per_chunk = max(1, chunk_pairs // (block * (num_sink + block + recent - 1)))
     chunk = blocks_per_chunk * block

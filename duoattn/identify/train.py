@@ -50,10 +50,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The original's runs (mit-han-lab/duo-attention, scripts/train.sh): 10 passkeys of 32 words, samples of
     # 1000-32000 tokens, 2000 steps, lr 0.02 with its schedule, reg 0.05, sink 128 / recent 256. fit_context caps
-    # the lengths at the model's context and raises min_len to the least the passkeys need (the original counts
-    # only its haystack in the length: its samples are longer by the passkeys and questions).
+    # the lengths at the model's context, fit_min_len raises min_len to the least the passkeys need (the original
+    # counts only its haystack in the length: its samples are longer by the passkeys and questions).
     "paper": dict(steps=2000, min_len=1000, max_len=32000, num_passkeys=10, passkey_words=32, lr=0.02, reg=0.05,
-                  sink=128, recent=256, fit_context=True),
+                  sink=128, recent=256, fit_context=True, fit_min_len=True),
 }
 
 
@@ -74,8 +74,8 @@ class IdentifyConfig:
         seed: sample ``k`` is drawn from ``(seed, k)``.
         save_every: a checkpoint every this many steps (an interrupted run loses at most this many).
         resume: continue from the checkpoint in ``out`` if there is one.
-        fit_context: cap ``max_len`` (and ``min_len``) at the model's context instead of refusing a longer one, and
-            raise a ``min_len`` too short for the passkeys to the least they need instead of refusing it.
+        fit_context: cap ``max_len`` (and ``min_len``) at the model's context instead of refusing a longer one.
+        fit_min_len: raise a ``min_len`` too short for the passkeys to the least they need instead of refusing it.
         checkpointing: recompute each decoder layer in the backward pass (``on``), keep the activations (``off``),
             or ``auto``: on for CUDA, off for the CPU.
         student_kernel: the student's streaming attention, ``flex``, ``blocks`` or ``auto`` (flex on CUDA when it
@@ -101,6 +101,7 @@ class IdentifyConfig:
     save_every: int = 10
     resume: bool = False
     fit_context: bool = False
+    fit_min_len: bool = False
     checkpointing: str = "auto"
     student_kernel: str = "auto"
     overwrite: bool = False
@@ -109,12 +110,13 @@ class IdentifyConfig:
     @classmethod
     def preset(cls, name: str, **settings: Any) -> IdentifyConfig:
         """The config of preset ``name`` (:data:`PRESETS`) with ``settings`` on top; an explicit ``max_len``
-        turns ``fit_context`` off unless it is given too."""
+        (``min_len``) turns the preset's ``fit_context`` (``fit_min_len``) off."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
-        if "max_len" in settings:
-            values.pop("fit_context", None)
+        for length, fit in (("max_len", "fit_context"), ("min_len", "fit_min_len")):
+            if length in settings:
+                values.pop(fit, None)
         return cls(**{**values, **settings})
 
     def __post_init__(self) -> None:
@@ -157,8 +159,8 @@ class IdentifyConfig:
 
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the result, JSON-ready (a resume must match them)."""
-        skip = {"out", "resume", "overwrite", "save_every", "passkeys", "fit_context", "checkpointing",
-                "student_kernel"}
+        skip = {"out", "resume", "overwrite", "save_every", "passkeys", "fit_context", "fit_min_len",
+                "checkpointing", "student_kernel"}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         values["haystack"] = list(self.haystack)
         values["min_depth"], values["max_depth"] = self.passkeys.min_depth, self.passkeys.max_depth
