@@ -25,6 +25,7 @@ class DemoConfig:
         sparsity: fraction of streaming heads for DuoAttention.
         lengths: prompt lengths in tokens.
         samples: prompts per length (passkey depths spread evenly over the context).
+        prefill: DuoAttention's prefill mode (``streaming``, ``full`` or ``window:N``, :mod:`duoattn.prefill`).
     """
 
     model: str | None = None
@@ -37,6 +38,7 @@ class DemoConfig:
     prefill_chunk_size: int | None = None
     device: str | None = None
     seed: int = 20261129
+    prefill: str = "streaming"
 
 
 @dataclass
@@ -52,7 +54,7 @@ def run_demo(config: DemoConfig) -> list[DemoRow]:
     pattern = HeadPattern.load(pattern_dir)
     sink = pattern.sink if config.sink is None else config.sink
     recent = pattern.recent if config.recent is None else config.recent
-    methods = [Method("full"), Method("duo", config.sparsity), Method("streaming")]
+    methods = [Method("full"), Method("duo", config.sparsity, prefill=config.prefill), Method("streaming")]
     settings = GenerationSettings(max_new_tokens=8, prefill_chunk_size=config.prefill_chunk_size)
     samples = {
         length: [
