@@ -79,7 +79,7 @@ class CacheState:
         self.softcap = softcap
         self.prefill = prefill or PrefillMode()
         self.last_layer = first_layer if last_layer is None else last_layer
-        # The prompt being prefilled: positions prompt_start..prompt_end-1, dense queries from dense_from on
+        # The prompt being prefilled ends at prompt_end; its queries from dense_from on attend fully on every head
         # (dense_from == prompt_end in the streaming mode). Declared by generate, or by the first chunk stored.
         self.prompt_declared = False
         self.prompt_end = self.dense_from = 0

@@ -249,3 +249,15 @@ def test_a_dense_mode_refuses_to_continue_a_filled_cache_and_chunks_across_the_p
         feed(model, ids[:, :10], cache, [10])
         with pytest.raises(ValueError, match="prefill='window:4' needs the whole prompt in an empty cache"):
             model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=2, do_sample=False)
+
+
+def test_eval_command_line_takes_prefill_modes():
+    from duoattn.cli import build_parser
+    from duoattn.eval.harness import EvalConfig
+
+    args = build_parser().parse_args(["eval", "passkey", "--methods", "duo", "--sparsity", "0.75",
+                                      "--prefill", "streaming,Window:64,full"])
+    config = EvalConfig(out_dir="unused", methods=args.methods, sparsities=args.sparsity, prefill=args.prefill)
+    assert [m.prefill for m in config.method_list()] == ["streaming", "window:64", "full"]
+    with pytest.raises(ValueError, match="prefill"):
+        EvalConfig(out_dir="unused", methods="duo", prefill=["window:x"])
