@@ -133,8 +133,8 @@ class Workspace:
     def release_dense(self) -> None:
         self.dense_k = self.dense_v = None
 
-    def _grown(self, name: str, make, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grown(self, name: str, make: Callable[..., torch.Tensor], batch: int, heads: int, length: int,
+               head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``[B, heads, length, D]`` of the buffers ``{name}_k / {name}_v``, replaced by larger ones made with
         ``make`` when they hold fewer heads or positions."""
         have = getattr(self, f"{name}_k")
