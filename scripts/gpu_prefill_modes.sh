@@ -6,7 +6,8 @@
 # Run from the repository root on the GPU machine: bash scripts/gpu_prefill_modes.sh
 # Results: ${OUT:-runs}/prefill-modes.json (one row per mode; peak_vs_streaming is the number the target is about).
 # About 2-3 minutes on an H200: a consistency check of each mode's chunked path on a tiny model first (it stops the
-# script on a mismatch), then each mode twice at 128K (the first run compiles kernels and takes pinned host memory).
+# script on a mismatch), then each mode at 128K, twice but for "full" (the first run compiles kernels and pins host
+# memory).
 set -euo pipefail
 PYTHON="${PYTHON:-python}"
 OUT_DIR="${OUT:-runs}"
