@@ -7,7 +7,8 @@ whatever the architecture does) and calls ``cache.update``; a :class:`~duoattn.c
 
 * decoding (one query per sequence): split-KV attention over the retrieval cache plus attention over the ring;
 * a prefill chunk: causal attention of the retrieval heads over the stored prefix, block-sparse attention of the
-  streaming heads over the sink + recent scratch;
+  streaming heads over the sink + recent scratch, except for the prompt queries that the prefill mode
+  (:mod:`duoattn.prefill`) lets attend fully: causal attention over the streaming heads' prompt history;
 * plain key tensors (``use_cache=False``, or a stock cache): the same rule by position.
 
 Kernels are chosen in one place, :mod:`duoattn.kernels.dispatch`. Local sliding-window layers (no roles attached)
@@ -54,8 +55,15 @@ def _cached(query: torch.Tensor, states: DuoStates, roles: LayerRoles, scale: fl
     if layer.n_ret:
         parts.append(dispatch.prefill_retrieval(query[:, :hr], layer.full_k, layer.full_v, plan.end, scale, softcap))
     if layer.n_str:
-        k, v = layer.scratch(plan)
-        parts.append(dispatch.prefill_streaming(s.kernels, query[:, hr:], k, v, plan, s.workspace, scale, softcap))
+        def stream(q: torch.Tensor) -> torch.Tensor:  # only called when some queries stream
+            sub = plan.streamed()
+            k, v = layer.scratch(sub)
+            return dispatch.prefill_streaming(s.kernels, q, k, v, sub, s.workspace, scale, softcap)
+
+        dense_k, dense_v = states.dense or (None, None)
+        parts.append(dispatch.split_streaming_prefill(query[:, hr:], plan.n_streamed, stream, dense_k, dense_v, scale,
+                                                      softcap))
+    layer.end_chunk(plan)
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out.transpose(1, 2)
 
@@ -85,8 +93,12 @@ def duo_attention_forward(
     softcap = kwargs.get("softcap")
     if isinstance(key, DuoStates):
         return _cached(query, key, roles, scale, softcap), None
+    # Without a DuoCache, a pass whose queries are the whole sequence is a prompt (later passes of a stock cache
+    # decode, and follow the streaming rule).
+    c, t = query.shape[-2], key.shape[-2]
+    dense_from = roles.prefill.dense_from(t) if c == t else None
     out = dispatch.uncached_attention(query, key, value, roles.num_retrieval, roles.num_groups, roles.sink,
-                                      roles.recent, scale, softcap)
+                                      roles.recent, scale, softcap, dense_from)
     return out.transpose(1, 2), None
 
 

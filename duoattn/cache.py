@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from .checks import check_int
 from .kernels import dispatch
 from .layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes
+from .prefill import PrefillMode, PromptHistory
 from .quant.kv import KVQuantConfig, QuantizedKV, quantize
 from .roles import LayerRoles
 
@@ -38,11 +39,14 @@ Stored = torch.Tensor | QuantizedKV
 
 @dataclass
 class DuoStates:
-    """What :meth:`DuoLayer.update` hands to the attention function: the layer itself, and the plan of the chunk
-    being prefilled (None while decoding one token per sequence)."""
+    """What :meth:`DuoLayer.update` hands to the attention function: the layer itself, the plan of the chunk
+    being prefilled (None while decoding one token per sequence) and, when some of the chunk's queries attend fully
+    on streaming heads (prefill ``"full"`` / ``"window:N"``), the streaming heads' keys and values
+    ``[B, n_str, end, D]`` of every position up to the chunk's end."""
 
     layer: DuoLayer
     plan: ChunkPlan | None
+    dense: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _nbytes(*stored: Stored | None) -> int:
@@ -70,8 +74,16 @@ class CacheState:
     """What every layer of a :class:`DuoCache` shares: geometry, the clock, kernel choice and workspaces."""
 
     def __init__(self, max_len: int, sink: int, recent: int, kernels: dispatch.KernelChoice,
-                 kv_quant: KVQuantConfig | None, first_layer: int, softcap: bool = False):
+                 kv_quant: KVQuantConfig | None, first_layer: int, softcap: bool = False,
+                 prefill: PrefillMode | None = None, last_layer: int | None = None):
         self.softcap = softcap
+        self.prefill = prefill or PrefillMode()
+        self.last_layer = first_layer if last_layer is None else last_layer
+        # The prompt being prefilled ends at prompt_end; its queries from dense_from on attend fully on every head
+        # (dense_from == prompt_end in the streaming mode). Declared by generate, or by the first chunk stored.
+        self.prompt_declared = False
+        self.prompt_end = self.dense_from = 0
+        self._copy_stream: torch.cuda.Stream | None = None
         self.max_len, self.sink, self.recent, self.capacity = max_len, sink, recent, sink + recent
         self.kernels_requested, self.kv_quant, self.first_layer = kernels, kv_quant, first_layer
         self.kernels: dispatch.KernelChoice | None = None
@@ -93,6 +105,23 @@ class CacheState:
     def allocated(self) -> bool:
         return self.clock is not None
 
+    def declare_prompt(self, length: int) -> None:
+        """The next ``length`` tokens are a prompt: its last queries attend fully per the prefill mode."""
+        if not self.prefill.streams and self.length:
+            raise ValueError(f"prefill={self.prefill.name!r} needs the whole prompt in an empty cache: this one holds "
+                             f"{self.length} tokens, whose streaming heads have dropped their middle tokens (use "
+                             "prefill='streaming' to continue a cache)")
+        self.prompt_declared = True
+        self.prompt_end = self.length + length
+        self.dense_from = self.length + self.prefill.dense_from(length)
+
+    @property
+    def copy_stream(self) -> torch.cuda.Stream | None:
+        """The side stream that offloads prompt history to the host (CUDA only)."""
+        if self._copy_stream is None and self.device is not None and self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
+
 
 class DuoLayer(CacheLayerMixin):
     """One DuoAttention layer of a :class:`DuoCache`: ``n_ret`` retrieval KV heads (first), ``n_str`` streaming."""
@@ -108,6 +137,7 @@ class DuoLayer(CacheLayerMixin):
         self.full_v: Stored | None = None
         self.ring_k: torch.Tensor | None = None
         self.ring_v: torch.Tensor | None = None
+        self.history: PromptHistory | None = None  # streaming heads' prompt keys, while dense queries need them
         self.splits = 1
 
     # -------------------------------------------------------------------------------------------- allocation
@@ -157,15 +187,14 @@ class DuoLayer(CacheLayerMixin):
         c = key_states.shape[-2]
         if self.layer_idx == s.first_layer:
             self._advance(c)
-        if c == 1:
+        if c == 1 and s.plan is None:
             dispatch.append_token(s.kernels, key_states, value_states, self.full_k, self.full_v, self.ring_k,
                                   self.ring_v, s.clock, s.sink, s.recent)
             states = DuoStates(self, None)
         else:
             if s.plan is None or s.plan.size != c:
                 raise RuntimeError(f"a prefill chunk reached layer {self.layer_idx} before it was planned")
-            self._store_chunk(key_states, value_states, s.plan)
-            states = DuoStates(self, s.plan)
+            states = DuoStates(self, s.plan, self._store_chunk(key_states, value_states, s.plan))
         return states, states
 
     def _advance(self, c: int) -> None:
@@ -176,13 +205,26 @@ class DuoLayer(CacheLayerMixin):
                 f"the DuoAttention cache was sized for {s.max_len} tokens; {start} stored + {c} new would not fit "
                 "(pass a larger max_new_tokens to generate, or a cache from handle.new_cache(max_len=...))"
             )
-        s.plan = None if c == 1 else ChunkPlan.build(start, c, s.sink, s.recent)
-        s.length = start + c
+        if not s.prompt_declared and start == 0:  # a forward pass on an empty cache is the prompt
+            s.declare_prompt(c)
+        end = start + c
+        if not s.prefill.streams and start < s.prompt_end < end:
+            raise ValueError(f"a chunk at positions {start}..{end - 1} crosses the end of the prompt declared with "
+                             f"cache.begin_prompt ({s.prompt_end} tokens): feed the prompt, then the rest")
+        dense = start < s.prompt_end and end > s.dense_from  # some queries attend fully on every head
+        keep = not s.prefill.streams and end < s.prompt_end  # a later prompt chunk has dense queries
+        if c == 1 and not (dense or keep):  # a decode step
+            s.plan = None
+        else:
+            s.plan = ChunkPlan.build(start, c, s.sink, s.recent, s.dense_from if dense else None, keep)
+        s.length = end
         s.clock.add_(c)
 
-    def _store_chunk(self, k: torch.Tensor, v: torch.Tensor, plan: ChunkPlan) -> None:
-        """Retrieval heads: write in place. Streaming heads: fill the scratch (old ring, then the chunk), then keep
-        the chunk's sink and most recent tokens in the ring."""
+    def _store_chunk(self, k: torch.Tensor, v: torch.Tensor, plan: ChunkPlan
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Retrieval heads: write in place. Streaming heads: fill the scratch (old ring, then the chunk) for the
+        streamed queries, then keep the chunk's sink and most recent tokens in the ring. Returns the streaming
+        heads' keys and values up to the chunk's end when some of its queries attend fully (else None)."""
         if self.n_ret:
             kr, vr = k[:, : self.n_ret], v[:, : self.n_ret]
             if isinstance(self.full_k, QuantizedKV):
@@ -193,20 +235,50 @@ class DuoLayer(CacheLayerMixin):
                 self.full_k[:, :, plan.start : plan.end].copy_(kr)
                 self.full_v[:, :, plan.start : plan.end].copy_(vr)
         if not self.n_str:
-            return
+            return None
         ks, vs = k[:, self.n_ret :], v[:, self.n_ret :]
-        sk, sv = self.scratch(plan)
-        for dst, slot, n in plan.gather:
-            sk[:, :, dst : dst + n].copy_(self.ring_k[:, :, slot : slot + n])
-            sv[:, :, dst : dst + n].copy_(self.ring_v[:, :, slot : slot + n])
-        sk[:, :, plan.prefix :].copy_(ks)
-        sv[:, :, plan.prefix :].copy_(vs)
-        if plan.sink_visible > plan.start:  # the chunk's own sink tokens, also beside the stored ones
-            sk[:, :, plan.start : plan.sink_visible].copy_(ks[:, :, : plan.sink_visible - plan.start])
-            sv[:, :, plan.start : plan.sink_visible].copy_(vs[:, :, : plan.sink_visible - plan.start])
+        dense = None
+        if plan.record or plan.n_streamed < plan.size:
+            dense = self._prompt_history(plan, ks, vs)
+        if plan.n_streamed:
+            sub = plan.streamed()  # the streamed queries' layout: a prefix of the chunk's scratch
+            sk, sv = self.scratch(sub)
+            for dst, slot, n in sub.gather:
+                sk[:, :, dst : dst + n].copy_(self.ring_k[:, :, slot : slot + n])
+                sv[:, :, dst : dst + n].copy_(self.ring_v[:, :, slot : slot + n])
+            sk[:, :, sub.prefix :].copy_(ks[:, :, : sub.size])
+            sv[:, :, sub.prefix :].copy_(vs[:, :, : sub.size])
+            if sub.sink_visible > sub.start:  # the chunk's own sink tokens, also beside the stored ones
+                sk[:, :, sub.start : sub.sink_visible].copy_(ks[:, :, : sub.sink_visible - sub.start])
+                sv[:, :, sub.start : sub.sink_visible].copy_(vs[:, :, : sub.sink_visible - sub.start])
         for off, slot, n in plan.keep:
             self.ring_k[:, :, slot : slot + n].copy_(ks[:, :, off : off + n])
             self.ring_v[:, :, slot : slot + n].copy_(vs[:, :, off : off + n])
+        return dense
+
+    def _prompt_history(self, plan: ChunkPlan, ks: torch.Tensor, vs: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep the streaming heads' chunk for later dense queries; return their keys up to the chunk's end if its
+        own queries need them (prefill ``"full"``: history on the device; ``"window:N"``: on the host)."""
+        s = self.state
+        if self.history is None:
+            self.history = PromptHistory(s.prefill.kind == "window", s.prompt_end, s.copy_stream)
+
+        def room(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return s.workspace.dense(s.batch_size, self.n_str, length, ks.shape[-1], s.dtype, s.device)
+
+        return self.history.chunk(plan.start, ks, vs, plan.record, plan.n_streamed < plan.size, room)
+
+    def end_chunk(self, plan: ChunkPlan) -> None:
+        """After the attention of ``plan``'s chunk: the prompt's last chunk frees the prompt history (and, at the
+        last layer, the shared room it was brought back into)."""
+        if plan.end < self.state.prompt_end:
+            return
+        if self.history is not None:
+            self.history.free()
+            self.history = None
+        if self.layer_idx == self.state.last_layer:
+            self.state.workspace.release_dense()
 
     def scratch(self, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's streaming scratch ``[B, n_str, prefix + C, D]`` for ``plan`` (shared by all layers)."""
@@ -249,6 +321,9 @@ class DuoLayer(CacheLayerMixin):
             self.state.clock.zero_()
         self.state.length = 0
         self.state.plan = None
+        self.state.prompt_declared = False
+        self.state.prompt_end = self.state.dense_from = 0
+        self.history = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -284,6 +359,9 @@ class DuoCache(Cache):
         kv_quant: store the retrieval heads quantised (None: the model dtype).
         kernels: kernel choice (default: the fastest available on the keys' device).
         softcap: the model soft-caps attention scores (Gemma 2): kernels that cannot are not chosen.
+
+    The prefill mode (:mod:`duoattn.prefill`) comes from the layers' roles. Its prompt is declared with
+    :meth:`begin_prompt` (``generate`` does it); otherwise the first forward pass on an empty cache is the prompt.
     """
 
     def __init__(
@@ -301,7 +379,7 @@ class DuoCache(Cache):
             raise ValueError("a DuoCache needs at least one DuoAttention layer")
         first = next(r for r in layer_roles if r is not None)
         self.state = CacheState(max_len, first.sink, first.recent, kernels or dispatch.KernelChoice(), kv_quant,
-                                duo[0], softcap)
+                                duo[0], softcap, first.prefill, duo[-1])
         if config is not None and any(r is None for r in layer_roles):
             layers = list(DynamicCache(config=config).layers)
             if len(layers) != len(layer_roles):
@@ -334,6 +412,23 @@ class DuoCache(Cache):
         """Tokens stored (host-side count, no synchronisation)."""
         return self.state.length
 
+    def begin_prompt(self, length: int) -> None:
+        """Declare that the next ``length`` tokens, in one or more chunks, are a prompt: with prefill ``"full"`` or
+        ``"window:N"`` its last queries attend fully on every head (the cache must then be empty)."""
+        check_int("length", length, 1)
+        if self.state.length + length > self.state.max_len:
+            raise ValueError(f"a prompt of {length} tokens after {self.state.length} stored does not fit the cache "
+                             f"({self.state.max_len} tokens)")
+        self.state.declare_prompt(length)
+        for layer in self.layers:
+            if isinstance(layer, DuoLayer):
+                layer.history = None
+
+    @property
+    def in_prompt(self) -> bool:
+        """True while a declared prompt is being prefilled (its tokens do not run as decode steps)."""
+        return self.state.length < self.state.prompt_end
+
     def kv_bytes(self) -> int:
         """Bytes of key and value storage held, over all layers (preallocated capacity included)."""
         return cache_kv_bytes(self)
@@ -364,6 +459,10 @@ class DuoCache(Cache):
         if not 0 <= tokens <= s.max_len:
             raise ValueError(f"tokens must be in [0, {s.max_len}], got {tokens}")
         s.length, s.plan = tokens, None
+        s.prompt_declared, s.prompt_end, s.dense_from = tokens > 0, 0, 0  # a rewound empty cache takes a new prompt
+        for layer in self.layers:
+            if isinstance(layer, DuoLayer):
+                layer.history = None
         s.clock.fill_(tokens)
 
     def fill_random(self, tokens: int, generator: torch.Generator | None = None, std: float = 1.0) -> None:

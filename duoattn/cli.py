@@ -55,6 +55,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sink", type=int, default=None)
     p.add_argument("--recent", type=int, default=None)
     p.add_argument("--prefill-chunk-size", type=int, default=None)
+    p.add_argument("--prefill", default="streaming", help="DuoAttention's prefill mode: streaming, full or window:N")
     p.add_argument("--device", default=None)
 
 
@@ -73,6 +74,7 @@ def run_demo(args: argparse.Namespace) -> None:
             recent=args.recent,
             prefill_chunk_size=args.prefill_chunk_size,
             device=args.device,
+            prefill=args.prefill,
         )
     )
 
@@ -152,6 +154,9 @@ def _add_eval_common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--kv-bits", type=_ints, default=[16],
                    help="retrieval-cache precisions to compare, e.g. 16,8,4 (every method but full; default 16)")
     p.add_argument("--weight-bits", type=int, default=16, choices=[16, 8], help="8: int8 weight-only linear layers")
+    p.add_argument("--prefill", type=_names, default=["streaming"],
+                   help="prefill modes to compare, e.g. streaming,full,window:64 (every method but full; default "
+                   "streaming): full / window:N let every head attend fully to the whole prompt / its last N tokens")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -216,6 +221,7 @@ def run_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         kv_bits=args.kv_bits,
         weight_bits=args.weight_bits,
+        prefill=args.prefill,
     )
     evaluate(config, _eval_task(args))
 

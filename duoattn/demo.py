@@ -36,6 +36,7 @@ class DemoConfig:
         sparsity: fraction of streaming heads for DuoAttention.
         lengths: prompt lengths in tokens.
         samples: prompts per length (passkey depths spread evenly over the context).
+        prefill: DuoAttention's prefill mode (``streaming``, ``full`` or ``window:N``, :mod:`duoattn.prefill`).
     """
 
     model: str | None = None
@@ -48,6 +49,7 @@ class DemoConfig:
     prefill_chunk_size: int | None = None
     device: str | None = None
     seed: int = 20261129
+    prefill: str = "streaming"
 
     def __post_init__(self) -> None:
         check_number("sparsity", self.sparsity, 0.0, 1.0)
@@ -89,7 +91,7 @@ def run_demo(config: DemoConfig) -> list[DemoRow]:
     model, tokenizer = load_model(config.model, device=config.device)
     sink = pattern.sink if config.sink is None else config.sink
     recent = pattern.recent if config.recent is None else config.recent
-    methods = [Method("full"), Method("duo", config.sparsity), Method("streaming")]
+    methods = [Method("full"), Method("duo", config.sparsity, prefill=config.prefill), Method("streaming")]
     settings = GenerationSettings(max_new_tokens=PASSKEY_NEW_TOKENS, prefill_chunk_size=config.prefill_chunk_size)
     rows = []
     progress = tqdm(total=len(methods) * len(config.lengths) * config.samples, desc="passkey", unit="prompt")

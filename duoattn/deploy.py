@@ -43,6 +43,7 @@ from .layout import split_kv_bytes
 from .models import attention_modules, check_supported, sliding_windows, text_config
 from .models import head_dim as model_head_dim
 from .pattern import HeadPattern
+from .prefill import PrefillMode
 from .quant.kv import KV_BITS, KVQuantConfig
 from .reorder import HeadOrder, permute_heads
 from .roles import LayerRoles
@@ -71,6 +72,7 @@ class DuoAttentionHandle:
         kv_quant: how retrieval heads store keys and values (None: the model dtype, ``kv_bits=16``).
         kernels: the kernels requested (``auto``: the fastest on the device).
         graphs: decode steps of ``generate`` on CUDA, replayed from CUDA graphs.
+        prefill: how streaming heads attend while a prompt is prefilled (:mod:`duoattn.prefill`).
     """
 
     model: PreTrainedModel
@@ -85,6 +87,7 @@ class DuoAttentionHandle:
     kv_quant: KVQuantConfig | None = None
     kernels: KernelChoice = field(default_factory=KernelChoice)
     graphs: DecodeGraphs | None = None
+    prefill: PrefillMode = field(default_factory=PrefillMode)
     _hooks: list[Any] = field(default_factory=list)
 
     @property
@@ -146,6 +149,7 @@ def enable_duo_attention(
     kv_group_size: int | None = None,
     kernels: KernelChoice | None = None,
     cuda_graphs: bool = True,
+    prefill: str | PrefillMode = "streaming",
 ) -> DuoAttentionHandle:
     """Switch ``model`` to DuoAttention in place; undo with :func:`disable_duo_attention`.
 
@@ -163,6 +167,10 @@ def enable_duo_attention(
         kv_group_size: channels per scale / zero point of the quantised cache (default: head_dim).
         kernels: kernel choice (default: Triton decode and FlexAttention prefill on CUDA, SDPA elsewhere).
         cuda_graphs: replay ``generate``'s decode steps from CUDA graphs where the kernels allow it.
+        prefill: ``"streaming"`` (streaming heads stream during the prompt too: the paper's deployment, lowest
+            memory), ``"full"`` (every prompt query attends fully on every head; the streaming heads' middle tokens
+            are freed once the prompt is in) or ``"window:N"`` (the last N prompt queries attend fully on every
+            head). Decoding is the same in every mode; see :mod:`duoattn.prefill`.
     """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError("DuoAttention is already enabled on this model; disable it first")
@@ -185,10 +193,11 @@ def enable_duo_attention(
     if kernels is not None and not isinstance(kernels, KernelChoice):
         raise TypeError(f"kernels must be a duoattn.kernels.dispatch.KernelChoice, got {type(kernels).__name__}")
     kv_quant = _kv_quant_config(kv_bits, kv_group_size, model_head_dim(cfg))
+    prefill = PrefillMode.parse(prefill)
 
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     layer_roles: list[LayerRoles | None] = [
-        None if w is not None else LayerRoles(int(row.sum()), cfg.num_key_value_heads, groups, sink, recent)
+        None if w is not None else LayerRoles(int(row.sum()), cfg.num_key_value_heads, groups, sink, recent, prefill)
         for row, w in zip(roles, windows)
     ]
     register()
@@ -197,7 +206,7 @@ def enable_duo_attention(
         model=model, roles=roles, order=HeadOrder.retrieval_first(roles), sink=sink, recent=recent,
         prefill_chunk_size=prefill_chunk_size, layer_roles=layer_roles, previous_attn_implementation=previous,
         sliding_windows=windows, kv_quant=kv_quant, kernels=kernels or KernelChoice(),
-        graphs=DecodeGraphs(model, cache_kwarg(model), enabled=cuda_graphs),
+        graphs=DecodeGraphs(model, cache_kwarg(model), enabled=cuda_graphs), prefill=prefill,
     )
     for module, lr in zip(modules, layer_roles):  # refuse what cannot run before anything is changed
         if lr is None:
@@ -264,8 +273,8 @@ def _install(model: PreTrainedModel, handle: DuoAttentionHandle) -> None:
     def generate(*args: Any, **kwargs: Any) -> Any:
         gen_config = kwargs.get("generation_config") or model.generation_config
         use_cache = kwargs.get("use_cache", gen_config.use_cache)
+        request = _request_length(args, kwargs)
         if use_cache is not False and kwargs.get(name) is None and kwargs.get("past_key_values") is None:
-            request = _request_length(args, kwargs)
             if request is not None:
                 new = kwargs.get("max_new_tokens", gen_config.max_new_tokens)
                 if new is None:
@@ -273,6 +282,10 @@ def _install(model: PreTrainedModel, handle: DuoAttentionHandle) -> None:
                 kwargs[name] = handle.new_cache(max_len=request[1] + max(int(new), 1))
         cache = kwargs.get(name, kwargs.get("past_key_values"))
         continuing = isinstance(cache, DuoCache) and cache.length() > 0
+        if isinstance(cache, DuoCache) and request is not None and request[1] > cache.length():
+            # The ids hold the whole sequence (transformers slices off what the cache holds): the rest is the prompt,
+            # however generate chunks it.
+            cache.begin_prompt(request[1] - cache.length())
         # A prompt that continues a filled cache is not chunked by default: transformers releases differ in how
         # they chunk around a non-empty cache.
         if handle.prefill_chunk_size is not None and kwargs.get("prefill_chunk_size") is None and not continuing:
@@ -338,10 +351,11 @@ def duo_attention(
     kv_group_size: int | None = None,
     kernels: KernelChoice | None = None,
     cuda_graphs: bool = True,
+    prefill: str | PrefillMode = "streaming",
 ) -> Iterator[DuoAttentionHandle]:
     """``with duo_attention(model, pattern, sparsity=0.5): model.generate(...)`` - see :func:`enable_duo_attention`."""
     handle = enable_duo_attention(model, pattern, sparsity, sink, recent, prefill_chunk_size, kv_bits, kv_group_size,
-                                  kernels, cuda_graphs)
+                                  kernels, cuda_graphs, prefill)
     try:
         yield handle
     finally:

@@ -104,7 +104,7 @@ class DecodeGraphs:
                                                                                           "output_hidden_states")
         ):
             return None
-        if not cache.graph_safe or ids.shape[0] != cache.state.batch_size:
+        if not cache.graph_safe or ids.shape[0] != cache.state.batch_size or cache.in_prompt:
             return None
         return cache
 

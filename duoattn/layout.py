@@ -98,6 +98,9 @@ class ChunkPlan:
         run_start, n_run: stored recent tokens the chunk can see (positions ``run_start..start-1``).
         gather: ``(scratch_index, slot, count)`` copies from the ring into the scratch, before the chunk is stored.
         keep: ``(chunk_offset, slot, count)`` copies of chunk tokens into the ring, after the scratch is filled.
+        dense_from: absolute position of the chunk's first query that attends fully on every head (prefill modes
+            ``"full"`` / ``"window:N"``, :mod:`duoattn.prefill`); ``end`` or more: every query streams.
+        record: the streaming heads' keys of this chunk must be kept for dense queries of a later chunk.
         extras: per-kernel artefacts built once per chunk and shared by every layer (for example a block mask).
     """
 
@@ -111,13 +114,19 @@ class ChunkPlan:
     n_run: int = 0
     gather: list[tuple[int, int, int]] = field(default_factory=list)
     keep: list[tuple[int, int, int]] = field(default_factory=list)
+    dense_from: int = 1 << 62
+    record: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, start: int, size: int, sink: int, recent: int) -> ChunkPlan:
+    def build(cls, start: int, size: int, sink: int, recent: int, dense_from: int | None = None,
+              record: bool = False) -> ChunkPlan:
         if start < 0 or size < 1:
             raise ValueError(f"a chunk needs start >= 0 and size >= 1, got start={start}, size={size}")
-        plan = cls(start=start, size=size, sink=sink, recent=recent, prefix=prefix_length(sink, recent))
+        plan = cls(start=start, size=size, sink=sink, recent=recent, prefix=prefix_length(sink, recent),
+                   record=record)
+        if dense_from is not None:
+            plan.dense_from = dense_from
         end = start + size
         plan.n_sink = min(start, sink)
         # The first query (at `start`) sees positions > start - recent; later queries see less of the past.
@@ -138,6 +147,22 @@ class ChunkPlan:
     @property
     def end(self) -> int:
         return self.start + self.size
+
+    @property
+    def n_streamed(self) -> int:
+        """Queries ``start..start+n_streamed-1`` follow the streaming rule; the rest attend fully."""
+        return min(self.size, max(0, self.dense_from - self.start))
+
+    def streamed(self) -> ChunkPlan:
+        """The plan of the streamed queries alone (``self`` if every query streams): the same scratch layout up to
+        index ``prefix + n_streamed``, so that the streaming kernels run on a prefix of the chunk's scratch."""
+        n = self.n_streamed
+        if n == self.size:
+            return self
+        sub = self.extras.get("streamed")
+        if sub is None:
+            sub = self.extras["streamed"] = ChunkPlan.build(self.start, n, self.sink, self.recent)
+        return sub
 
     @property
     def sink_visible(self) -> int:

@@ -7,7 +7,9 @@ attention function and the kernels never gather heads or loop over them in Pytho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .prefill import PrefillMode
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class LayerRoles:
         num_kv_heads: KV heads of the layer.
         num_groups: query heads per KV head (query head ``h`` follows KV head ``h // num_groups``).
         sink, recent: the streaming window.
+        prefill: how streaming heads attend while a prompt is prefilled (:mod:`duoattn.prefill`).
     """
 
     num_retrieval: int
@@ -26,6 +29,7 @@ class LayerRoles:
     num_groups: int
     sink: int
     recent: int
+    prefill: PrefillMode = field(default_factory=PrefillMode)
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_retrieval <= self.num_kv_heads:

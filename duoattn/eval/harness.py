@@ -30,6 +30,7 @@ from ..models import (
 )
 from ..pattern import HeadPattern
 from ..quant.weights import WEIGHT_BITS
+from ..prefill import PrefillMode
 from ..shipped import PATTERNS_DIR
 from . import plots
 from .methods import Method, parse_methods
@@ -67,6 +68,7 @@ class EvalConfig:
         kv_bits: retrieval-cache precisions to compare (16 = the model dtype; 8 / 4 quantised), for every method
             but ``full``.
         weight_bits: 8 loads the model with 8-bit weight-only linear layers.
+        prefill: prefill modes to compare (``streaming``, ``full``, ``window:N``), for every method but ``full``.
     """
 
     out_dir: str
@@ -84,6 +86,7 @@ class EvalConfig:
     dtype: str | None = None
     kv_bits: list[int] = field(default_factory=lambda: [16])
     weight_bits: int = 16
+    prefill: list[str] = field(default_factory=lambda: ["streaming"])
 
     def __post_init__(self) -> None:
         check_output_dir("out_dir", self.out_dir)
@@ -93,6 +96,9 @@ class EvalConfig:
             self.device = check_device("device", self.device)
         self.kv_bits = check_ints("kv_bits", self.kv_bits, 1)
         check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        if not self.prefill:
+            raise ValueError("prefill must name at least one mode (streaming, full, window:N)")
+        self.prefill = [PrefillMode.parse(p).name for p in self.prefill]
         if any(not 0.0 <= s <= 1.0 for s in self.sparsities) or not self.sparsities:
             raise ValueError(f"sparsities must be fractions in [0, 1], got {self.sparsities}")
         check_int("random_seeds", self.random_seeds, 1)
@@ -103,7 +109,7 @@ class EvalConfig:
             raise ValueError("methods must name at least one of full, duo, streaming, random")
 
     def method_list(self) -> list[Method]:
-        return parse_methods(self.methods, self.sparsities, self.random_seeds, self.kv_bits)
+        return parse_methods(self.methods, self.sparsities, self.random_seeds, self.kv_bits, self.prefill)
 
     def pattern_dir(self) -> Path | None:
         if self.pattern is not None:
@@ -164,7 +170,7 @@ def run_config(
         "methods": [m.name for m in methods],
         "method_spec": {
             "methods": config.methods, "sparsities": config.sparsities, "random_seeds": config.random_seeds,
-            "kv_bits": config.kv_bits,
+            "kv_bits": config.kv_bits, "prefill": config.prefill,
         },
         "weight_bits": config.weight_bits,
         "generation": {

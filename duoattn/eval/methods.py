@@ -2,7 +2,8 @@
 
 All of them run the same ``model.generate`` call; only the head pattern differs. StreamingLLM is DuoAttention
 with every head streaming (same sink / recent); random heads draw uniform gates with a seed and keep the same
-number of retrieval heads as DuoAttention at that sparsity.
+number of retrieval heads as DuoAttention at that sparsity. Every method but ``full`` runs in a prefill mode
+(:mod:`duoattn.prefill`): ``streaming`` (the default), ``full`` or ``window:N``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..checks import UsageError
 from ..models import text_config
 from ..deploy import DuoAttentionHandle, duo_attention
 from ..pattern import HeadPattern
+from ..prefill import PrefillMode
 from ..quant.kv import KV_BITS
 
 KINDS = ("full", "duo", "streaming", "random")
@@ -31,14 +33,18 @@ class Method:
         sparsity: fraction of streaming heads, for ``duo`` and ``random``.
         seed: the seed of the random gates, for ``random``.
         kv_bits: how the retrieval heads store keys and values (16: the model dtype; 8 or 4: quantised).
+        prefill: the prefill mode, ``"streaming"``, ``"full"`` or ``"window:N"``.
     """
 
     kind: str
     sparsity: float | None = None
     seed: int = 0
     kv_bits: int = 16
+    prefill: str = "streaming"
 
     def __post_init__(self) -> None:
+        mode = PrefillMode.parse(self.prefill)
+        object.__setattr__(self, "prefill", mode.name)  # one spelling per mode: names and stored results agree
         if self.kind not in KINDS:
             raise ValueError(f"method kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind in ("duo", "random"):
@@ -50,10 +56,17 @@ class Method:
             raise ValueError(f"kv_bits must be one of {KV_BITS}, got {self.kv_bits!r}")
         if self.kind == "full" and self.kv_bits != 16:
             raise ValueError("method 'full' runs the unpatched model: its cache cannot be quantised")
+        if self.kind == "full" and not mode.streams:
+            raise ValueError("method 'full' runs the unpatched model: it takes no prefill mode")
 
     @property
     def name(self) -> str:
         suffix = "" if self.kv_bits == 16 else f"-kv{self.kv_bits}"
+        mode = PrefillMode.parse(self.prefill)
+        if mode.kind == "full":
+            suffix += "-fullprefill"
+        elif mode.kind == "window":
+            suffix += f"-window{mode.window}"
         if self.kind in ("full", "streaming"):
             return self.kind + suffix
         retrieval = round(100 * (1 - self.sparsity))
@@ -89,26 +102,28 @@ class Method:
         if pattern is None:
             yield None
             return
-        with duo_attention(model, pattern, sparsity=self.sparsity, kv_bits=self.kv_bits) as handle:
+        with duo_attention(model, pattern, sparsity=self.sparsity, kv_bits=self.kv_bits, prefill=self.prefill) as handle:
             yield handle
 
 
 def parse_methods(
-    spec: str, sparsities: list[float], random_seeds: int, kv_bits: list[int] | tuple[int, ...] = (16,)
+    spec: str, sparsities: list[float], random_seeds: int, kv_bits: list[int] | tuple[int, ...] = (16,),
+    prefill: list[str] | tuple[str, ...] = ("streaming",),
 ) -> list[Method]:
     """``"full,duo,streaming,random"`` -> methods; ``duo`` and ``random`` expand over the sparsities (and seeds),
-    every method but ``full`` over ``kv_bits``."""
+    every method but ``full`` over ``kv_bits`` and the prefill modes."""
     methods: list[Method] = []
     for kind in (k.strip() for k in spec.split(",") if k.strip()):
         if kind == "full":
             methods.append(Method(kind))
         elif kind == "streaming":
-            methods.extend(Method(kind, kv_bits=b) for b in kv_bits)
+            methods.extend(Method(kind, kv_bits=b, prefill=p) for b in kv_bits for p in prefill)
         elif kind == "duo":
-            methods.extend(Method("duo", s, kv_bits=b) for s in sparsities for b in kv_bits)
+            methods.extend(Method("duo", s, kv_bits=b, prefill=p) for s in sparsities for b in kv_bits for p in prefill)
         elif kind == "random":
             methods.extend(
-                Method("random", s, seed, b) for s in sparsities for b in kv_bits for seed in range(random_seeds)
+                Method("random", s, seed, b, p)
+                for s in sparsities for b in kv_bits for p in prefill for seed in range(random_seeds)
             )
         else:
             raise UsageError(f"unknown method {kind!r}; choose from {', '.join(KINDS)}")

@@ -66,6 +66,7 @@ def run_cells(
                         "sparsity": method.sparsity,
                         "seed": method.seed if method.kind == "random" else None,
                         "kv_bits": method.kv_bits,
+                        "prefill": method.prefill,
                         "retrieval_ratio": ratio,
                         "sample": sample.key,
                         **sample.meta,

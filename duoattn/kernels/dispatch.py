@@ -17,6 +17,7 @@ Only the CUDA decode path is graph-safe (lengths come from the device clock); :f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,8 @@ class Workspace:
     partial_lse: torch.Tensor | None = None
     scratch_k: torch.Tensor | None = None
     scratch_v: torch.Tensor | None = None
+    dense_k: torch.Tensor | None = None
+    dense_v: torch.Tensor | None = None
     kernel: dict[str, Any] = field(default_factory=dict)
 
     @torch.inference_mode(False)
@@ -117,15 +120,34 @@ class Workspace:
     def scratch(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Streaming scratch ``[B, heads, length, D]`` (views of one buffer grown on demand)."""
-        have = self.scratch_k
+        # Zeroed: slots no token uses are masked out, and masked garbage could still be NaN (0 * NaN = NaN).
+        return self._grown("scratch", torch.zeros, batch, heads, length, head_dim, dtype, device)
+
+    @torch.inference_mode(False)
+    def dense(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room ``[B, heads, length, D]`` for one layer's full-length streaming keys and values while its dense
+        prompt queries run (prefill ``"window:N"``): one buffer for all layers, freed by :meth:`release_dense`."""
+        return self._grown("dense", torch.empty, batch, heads, length, head_dim, dtype, device)  # written first
+
+    def release_dense(self) -> None:
+        self.dense_k = self.dense_v = None
+
+    def _grown(self, name: str, make: Callable[..., torch.Tensor], batch: int, heads: int, length: int,
+               head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``[B, heads, length, D]`` of the buffers ``{name}_k / {name}_v``, replaced by larger ones made with
+        ``make`` when they hold fewer heads or positions."""
+        have = getattr(self, f"{name}_k")
         if have is None or have.shape[1] < heads or have.shape[2] < length:
             shape = (batch, max(heads, 0 if have is None else have.shape[1]),
                      max(length, 0 if have is None else have.shape[2]), head_dim)
-            self.scratch_k = self.scratch_v = None  # free the old buffers before taking new ones
-            # Zeroed: slots no token uses are masked out, and masked garbage could still be NaN (0 * NaN = NaN).
-            self.scratch_k = torch.zeros(shape, dtype=dtype, device=device)
-            self.scratch_v = torch.zeros(shape, dtype=dtype, device=device)
-        return self.scratch_k[:, :heads, :length], self.scratch_v[:, :heads, :length]
+            del have
+            setattr(self, f"{name}_k", None)  # free the old buffers before taking new ones
+            setattr(self, f"{name}_v", None)
+            setattr(self, f"{name}_k", make(shape, dtype=dtype, device=device))
+            setattr(self, f"{name}_v", make(shape, dtype=dtype, device=device))
+        k, v = getattr(self, f"{name}_k"), getattr(self, f"{name}_v")
+        return k[:, :heads, :length], v[:, :heads, :length]
 
 
 # ----------------------------------------------------------------------------------------------------- decode
@@ -280,24 +302,50 @@ def _flex_prefill(kernels, q, k, v, plan, scale) -> torch.Tensor:
     return flex_streaming_attention(q, k, v, mask, scale, compiled=kernels.streaming_prefill == "flex")
 
 
+def split_streaming_prefill(q: torch.Tensor, n_streamed: int, stream: Callable[[torch.Tensor], torch.Tensor],
+                            dense_k: torch.Tensor | None, dense_v: torch.Tensor | None, scale: float,
+                            softcap: float | None = None) -> torch.Tensor:
+    """Streaming heads' queries ``q [B, n_str * G, C, D]`` of a prompt chunk -> ``[B, n_str * G, C, D]``.
+
+    The first ``n_streamed`` follow the streaming rule (``stream`` maps them to their output); the others (prefill
+    modes ``"full"`` / ``"window:N"``) attend causally to ``dense_k, dense_v [B, n_str, end, D]``, every position up
+    to the chunk's last query.
+    """
+    c = q.shape[-2]
+    if n_streamed == c:
+        return stream(q)
+    dense = causal_attention(q[:, :, n_streamed:], dense_k, dense_v, scale, softcap)
+    if n_streamed == 0:
+        return dense
+    return torch.cat([stream(q[:, :, :n_streamed]), dense], dim=2)
+
+
 # ---------------------------------------------------------------------------------------------- no cache at all
 def uncached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ret: int, groups: int, sink: int,
-                       recent: int, scale: float, softcap: float | None = None) -> torch.Tensor:
+                       recent: int, scale: float, softcap: float | None = None,
+                       dense_from: int | None = None) -> torch.Tensor:
     """Keys are plain ``[B, Hkv, T, D]`` at positions ``0..T-1`` and the queries the last ``C`` of them (no cache,
-    or a stock cache); retrieval heads are the first ``n_ret`` KV heads -> ``[B, Hq, C, D]``."""
+    or a stock cache); retrieval heads are the first ``n_ret`` KV heads -> ``[B, Hq, C, D]``. Queries at positions
+    ``>= dense_from`` attend fully on streaming heads too."""
     hr = n_ret * groups
     c, t = q.shape[-2], k.shape[-2]
     parts = []
     if n_ret:
         parts.append(causal_attention(q[:, :hr], k[:, :n_ret], v[:, :n_ret], scale, softcap))
     if n_ret < k.shape[1]:
-        # Only the sink and the last C + recent - 1 keys can be seen by a streaming head.
-        n_sink, lo = min(sink, t), max(0, t - c - recent + 1)
         ks, vs = k[:, n_ret:], v[:, n_ret:]
-        parts.append(streaming_attention(q[:, hr:], ks[:, :, :n_sink], vs[:, :, :n_sink], ks[:, :, lo:],
-                                         vs[:, :, lo:], lo, recent, scale, softcap=softcap))
+
+        def stream(qs: torch.Tensor) -> torch.Tensor:
+            # Only the sink and the last n + recent - 1 keys up to the last query can be seen by a streaming head.
+            end = t - c + qs.shape[-2]
+            n_sink, lo = min(sink, end), max(0, end - qs.shape[-2] - recent + 1)
+            return streaming_attention(qs, ks[:, :, :n_sink], vs[:, :, :n_sink], ks[:, :, lo:end], vs[:, :, lo:end],
+                                       lo, recent, scale, softcap=softcap)
+
+        n = c if dense_from is None else min(c, max(0, dense_from - (t - c)))
+        parts.append(split_streaming_prefill(q[:, hr:], n, stream, ks, vs, scale, softcap))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 __all__ = ["F", "KernelChoice", "Workspace", "append_token", "decode_attention", "graph_safe", "prefill_retrieval",
-           "prefill_streaming", "uncached_attention"]
+           "prefill_streaming", "split_streaming_prefill", "uncached_attention"]
