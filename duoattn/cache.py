@@ -48,6 +48,14 @@ class DuoStates:
     plan: ChunkPlan | None
     dense: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def shape(self):
+        # Reached only when an attention function other than DuoAttention's gets these states.
+        raise RuntimeError(
+            "a DuoCache was passed to a model without DuoAttention enabled: use it inside duo_attention(model, "
+            "pattern) (or enable_duo_attention), or give the model a stock transformers cache"
+        )
+
 
 def _nbytes(*stored: Stored | None) -> int:
     total = 0
@@ -168,8 +176,10 @@ class DuoLayer(CacheLayerMixin):
                 self.full_k = QuantizedKV.zeros(lead, s.max_len, d, s.kv_quant, s.dtype, s.device)
                 self.full_v = QuantizedKV.zeros(lead, s.max_len, d, s.kv_quant, s.dtype, s.device)
         if self.n_str:
-            self.ring_k = torch.zeros(bsz, self.n_str, s.capacity, d, **kw)
-            self.ring_v = torch.zeros(bsz, self.n_str, s.capacity, d, **kw)
+            # A cache shorter than the window never wraps (slot = position): it needs only max_len slots.
+            ring = min(s.capacity, s.max_len)
+            self.ring_k = torch.zeros(bsz, self.n_str, ring, d, **kw)
+            self.ring_v = torch.zeros(bsz, self.n_str, ring, d, **kw)
         self.splits = dispatch.decode_splits(s.kernels, bsz, self.n_ret, s.max_len)
         s.workspace.reserve_decode(bsz, self.n_ret * self.roles.num_groups, self.splits,
                                    self.roles.num_kv_heads * self.roles.num_groups, d, s.dtype, s.device)

@@ -213,3 +213,38 @@ def smol():
     from duoattn import load_model
 
     return load_model(device="cpu")
+
+
+def oracle_generate(model, pattern, ids, sparsity=None, **kwargs):
+    """``model.generate`` on the unpatched model with the dense oracle as its attention and no cache: every step
+    recomputes the whole sequence with explicit per-head masks."""
+    assert getattr(model, "_duoattn_handle", None) is None, "the oracle runs on the model without DuoAttention"
+    table = roles_table(model, pattern, sparsity)
+    AttentionInterface.register("duoref", oracle_attention(table, pattern.sink, pattern.recent, local_windows(model)))
+    AttentionMaskInterface.register("duoref", no_mask)
+    previous = model.config.get_text_config(decoder=True)._attn_implementation
+    model.set_attn_implementation("duoref")
+    try:
+        with torch.no_grad():
+            return model.generate(ids, use_cache=False, **kwargs)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, to compare bit for bit."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_restored(model, state, attn_implementation="sdpa"):
+    """The model is exactly as before DuoAttention: weights bit for bit, attention implementation, no leftovers."""
+    from duoattn.attention import LOCAL_ATTR, ROLES_ATTR
+
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert model.config.get_text_config(decoder=True)._attn_implementation == attn_implementation
+    assert "generate" not in vars(model) and "get_compiled_call" not in vars(model)
+    assert not model._forward_pre_hooks
+    assert not any(hasattr(m, ROLES_ATTR) or LOCAL_ATTR in vars(m) for m in model.modules())
+    assert getattr(model, "_duoattn_handle", None) is None

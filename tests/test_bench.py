@@ -1,10 +1,13 @@
-"""``duoattn bench`` end to end on the CPU with the tiny shape: table, final JSON line, files, KV accounting."""
+"""``duoattn bench`` end to end on the CPU with the tiny shape: every headline row through ``model.generate`` (stock,
+full, duo; 16-bit and int4 KV; 16- and 8-bit weights), the table, the final JSON line, the files, and KV bytes
+computed by hand."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from duoattn.bench import BenchConfig
 from duoattn.bench.config import Row
@@ -12,41 +15,92 @@ from duoattn.bench.report import table
 from duoattn.bench.shapes import SHAPES, build_random_model, weight_bytes_read
 from duoattn.cli import main
 
+# tiny: 2 layers x 2 KV heads, head_dim 64, float32: one head's K + V of one token
+SHAPE = SHAPES["tiny"]
+LAYERS, HKV, D = SHAPE["num_hidden_layers"], SHAPE["num_key_value_heads"], SHAPE["head_dim"]
+PER_HEAD_TOKEN = D * 4 * 2
+INT4_PER_HEAD_TOKEN = (D * 4 // 8 + 2 * 4) * 2  # int4 codes + one float32 scale and zero point per vector; K + V
+
+
+def run_cli(args, capsys):
+    assert main(["bench", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
 
 def test_bench_cli_prints_a_table_then_one_json_line_and_writes_outputs(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["bench", "--shapes", "tiny", "--ratios", "1,0.5", "--contexts", "300", "--stock-contexts", "300",
-                 "--prefill-contexts", "600", "--prefill-chunk", "256", "--steps", "2", "--warmup", "1",
-                 "--dtype", "float32", "--sink", "4", "--recent", "16", "--out", str(out)])
-    assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    report = json.loads(lines[-1])
+    steps, sink, recent, context, prompt = 2, 4, 16, 200, 300
+    lines, report = run_cli(["--shapes", "tiny", "--ratios", "1,0.5", "--kv-bits", "16,4", "--contexts", str(context),
+                             "--prefill-contexts", str(prompt), "--prefill-chunk", "256", "--steps", str(steps),
+                             "--dtype", "float32", "--sink", str(sink), "--recent", str(recent), "--capacity",
+                             "--out", str(out)], capsys)
     assert "ms/tok" in lines[0] and report["bench"] == "duoattn" and report["device"] == "cpu"
-    assert report["decode_cache_fill"].startswith("random")
-    rows = {(r["kind"], r["path"], r["ratio"]): r for r in report["rows"]}
-    assert set(rows) == {("decode", "stock", 1.0), ("decode", "full", 1.0), ("decode", "duo", 0.5),
-                         ("prefill", "full", 1.0), ("prefill", "duo", 0.5)}
-    assert all(r["status"] == "ok" for r in rows.values())
-    shape = SHAPES["tiny"]
-    layers, hkv, d = shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"]
-    per_head_token = d * 2 * 4  # K and V, float32
-    # decode caches hold context + warm-up + steps + 16 slack tokens; each step reads the context (+ ring)
-    max_len = 300 + 1 + 2 + 16
-    assert rows["decode", "full", 1.0]["kv_bytes"] == layers * hkv * max_len * per_head_token
-    assert rows["decode", "full", 1.0]["kv_read_bytes"] == layers * hkv * 300 * per_head_token
-    assert rows["decode", "stock", 1.0]["kv_read_bytes"] == layers * hkv * 300 * per_head_token
-    n_ret = round(0.5 * layers * hkv)
-    assert rows["decode", "duo", 0.5]["kv_read_bytes"] == (n_ret * 300 + (layers * hkv - n_ret) * 20) * per_head_token
-    assert rows["prefill", "duo", 0.5]["kv_bytes"] == (n_ret * 600 + (layers * hkv - n_ret) * 20) * per_head_token
+    rows = {(r["kind"], r["path"], r["ratio"], r["kv_bits"], r["fill"]): r for r in report["rows"]}
+    assert set(rows) == {
+        ("generate", "stock", 1.0, 16, "random"), ("generate", "stock", 1.0, 16, "prefill"),
+        ("generate", "full", 1.0, 16, "random"), ("step", "full", 1.0, 16, "random"),
+        ("generate", "duo", 0.5, 16, "random"), ("step", "duo", 0.5, 16, "random"),
+        ("generate", "duo", 0.5, 4, "random"), ("step", "duo", 0.5, 4, "random"),
+        ("generate", "full", 1.0, 16, "prefill"), ("generate", "duo", 0.5, 16, "prefill"),
+        ("generate", "duo", 0.5, 4, "prefill"),
+        ("max_context", "full", 1.0, 16, "random"), ("max_context", "duo", 0.5, 16, "random"),
+        ("max_context", "duo", 0.5, 4, "random"),
+    }
+    for key, r in rows.items():
+        if key[0] == "max_context":
+            assert r["status"] == "skipped" and r["note"] == "needs a GPU"  # the capacity search needs CUDA
+            continue
+        assert r["status"] == "ok", r
+        assert (r["ms_per_token"] > 0) if r["fill"] == "random" else (r["prefill_s"] > 0)
+    n_ret = round(0.5 * LAYERS * HKV)
+    n_str = LAYERS * HKV - n_ret
+    # decode caches are preallocated for context + 3 x steps + 16 tokens; a step reads the context (+ the ring)
+    capacity = context + 3 * steps + 16
+    ring = sink + recent
+    full = rows["generate", "full", 1.0, 16, "random"]
+    assert full["kv_bytes"] == LAYERS * HKV * capacity * PER_HEAD_TOKEN
+    assert full["kv_read_bytes"] == LAYERS * HKV * context * PER_HEAD_TOKEN
+    assert rows["generate", "stock", 1.0, 16, "random"]["kv_read_bytes"] == LAYERS * HKV * context * PER_HEAD_TOKEN
+    duo = rows["generate", "duo", 0.5, 16, "random"]
+    assert duo["kv_bytes"] == (n_ret * capacity + n_str * ring) * PER_HEAD_TOKEN
+    assert duo["kv_read_bytes"] == (n_ret * context + n_str * ring) * PER_HEAD_TOKEN
+    int4 = rows["generate", "duo", 0.5, 4, "random"]
+    assert int4["kv_bytes"] == n_ret * capacity * INT4_PER_HEAD_TOKEN + n_str * ring * PER_HEAD_TOKEN
+    assert int4["kv_read_bytes"] == n_ret * context * INT4_PER_HEAD_TOKEN + n_str * ring * PER_HEAD_TOKEN
+    for kind in ("full", "duo"):  # the step row measures the same cache
+        key = ("generate", kind, 1.0 if kind == "full" else 0.5, 16, "random")
+        step = rows[("step", *key[1:])]
+        assert (step["kv_bytes"], step["kv_read_bytes"]) == (rows[key]["kv_bytes"], rows[key]["kv_read_bytes"])
+    # prefill rows: generate(max_new_tokens=1) sizes the cache for the prompt + 1
+    assert rows["generate", "full", 1.0, 16, "prefill"]["kv_bytes"] == LAYERS * HKV * (prompt + 1) * PER_HEAD_TOKEN
+    assert rows["generate", "duo", 0.5, 16, "prefill"]["kv_bytes"] == (n_ret * (prompt + 1) + n_str * ring) * \
+        PER_HEAD_TOKEN
+    assert rows["generate", "duo", 0.5, 4, "prefill"]["kv_bytes"] == n_ret * (prompt + 1) * INT4_PER_HEAD_TOKEN + \
+        n_str * ring * PER_HEAD_TOKEN
     assert json.loads((out / "config.json").read_text())["shapes"] == ["tiny"]
     assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]
     assert (out / "decode.png").stat().st_size > 1000 and "stock" in (out / "table.txt").read_text()
 
 
+def test_bench_with_8_bit_weights(capsys):
+    """8-bit weights: the rows run on Int8Linear layers; KV bytes do not depend on the weights."""
+    _, report = run_cli(["--shapes", "tiny", "--ratios", "0.5", "--kv-bits", "8", "--weight-bits", "16,8",
+                         "--contexts", "64", "--steps", "1", "--dtype", "float32", "--sink", "4", "--recent", "8",
+                         "--no-step-rows"], capsys)
+    rows = {(r["path"], r["weight_bits"]): r for r in report["rows"]}
+    assert set(rows) == {("stock", 16), ("duo", 16), ("duo", 8)}  # stock rows at the model's own weights only
+    assert all(r["status"] == "ok" and r["kv_bits"] in (16, 8) for r in rows.values())
+    int8 = (D + 2 * 4) * 2  # int8 codes + float32 scale and zero point; K + V
+    expected = 2 * (64 + 3 + 16) * int8 + 2 * 12 * PER_HEAD_TOKEN  # 2 retrieval, 2 streaming heads
+    assert rows["duo", 16]["kv_bytes"] == rows["duo", 8]["kv_bytes"] == expected
+    assert rows["duo", 8]["weight_read_bytes"] < rows["duo", 16]["weight_read_bytes"] / 2
+
+
 def test_weight_bytes_read_leave_out_the_embedding_table():
-    model = build_random_model("tiny", "cpu", __import__("torch").float32)
+    model = build_random_model("tiny", "cpu", torch.float32)
     total = sum(p.numel() * 4 for p in model.parameters())
-    vocab, hidden = SHAPES["tiny"]["vocab_size"], SHAPES["tiny"]["hidden_size"]
+    vocab, hidden = SHAPE["vocab_size"], SHAPE["hidden_size"]
     assert weight_bytes_read(model) == total - vocab * hidden * 4 + hidden * 4
 
 
@@ -58,16 +112,27 @@ def test_table_shows_missing_values_as_dashes():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(shapes=["llama-4"]), "unknown model shape"),
     (dict(ratios=[1.5]), r"ratios must lie in \[0, 1\]"),
+    (dict(ratios=[]), "ratios must not be empty"),
     (dict(contexts=[0]), "contexts must be positive integers"),
+    (dict(prefill_contexts=[-5]), "prefill_contexts must be positive integers"),
     (dict(prefill_chunk=1), "prefill_chunk must be an integer >= 2"),
-    (dict(decode_fill="zeros"), "decode_fill must be"),
+    (dict(kv_bits=[16, 3]), r"kv_bits must be some of \(16, 8, 4\)"),
+    (dict(weight_bits=[4]), "weight_bits must be some of"),
+    (dict(decode_kernel="cuda"), "decode_kernel must be one of"),
     (dict(streaming_kernel="cuda"), "streaming_kernel must be one of"),
+    (dict(dtype="int8"), "dtype must be bfloat16, float16 or float32"),
 ])
 def test_bad_bench_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BenchConfig(**kwargs)
 
 
+def test_full_attention_rows_keep_the_model_dtype():
+    assert BenchConfig(ratios=[1.0, 0.25], kv_bits=[16, 4]).settings() == [(1.0, 16), (0.25, 16), (0.25, 4)]
+
+
 def test_cli_reports_bad_settings_without_a_traceback(capsys):
     assert main(["bench", "--shapes", "tiny", "--ratios", "2"]) == 2
     assert "ratios must lie in [0, 1]" in capsys.readouterr().err
+    assert main(["bench", "--shapes", "tiny", "--kv-bits", "16,3"]) == 2
+    assert "kv_bits must be some of (16, 8, 4)" in capsys.readouterr().err

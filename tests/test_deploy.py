@@ -1,18 +1,23 @@
-"""DuoAttention on a model, end to end, against the unpatched model and the dense oracle."""
+"""DuoAttention on a model, end to end (the one deployment path): against the unpatched model and the dense oracle
+(conftest: the unpatched model with explicit per-head masks, head roles computed independently of duoattn)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import reference_logits, run_chunks, tiny_llama
+from conftest import assert_restored, model_state, reference_logits, roles_table, run_chunks, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from duoattn import HeadPattern, disable_duo_attention, duo_attention, enable_duo_attention
+from duoattn.attention import ATTN_NAME, ROLES_ATTR
 from duoattn.cache import DuoCache
-from duoattn.patch import ATTN_NAME, ROLES_ATTR, cache_kwarg
+from duoattn.deploy import cache_kwarg
+from duoattn.kernels.dispatch import KernelChoice
 
-MIXED = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # 3 layers x 2 KV heads: mixed, all streaming, mixed
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MIXED = np.array([[1.0, 0.0], [0.0, 0.0], [0.2, 0.9]])  # 3 layers x 2 KV heads: mixed, all streaming, mixed (retrieval second)
 
 
 @pytest.fixture
@@ -20,12 +25,20 @@ def ids():
     return torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(1))
 
 
+def ids_of(length, seed=1, vocab=97):
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
 def test_all_retrieval_equals_unpatched_model(tiny_model, ids):
     expected = tiny_model(ids).logits
     expected_tokens = tiny_model.generate(ids, max_new_tokens=12, do_sample=False)
-    with duo_attention(tiny_model, HeadPattern.uniform(3, 2, 1.0, sink=2, recent=4)):
+    with duo_attention(tiny_model, HeadPattern.uniform(3, 2, 1.0, sink=2, recent=4)) as handle:
         torch.testing.assert_close(tiny_model(ids).logits, expected, rtol=0, atol=1e-12)
         tokens = tiny_model.generate(ids, max_new_tokens=12, do_sample=False)
+        # prefill in chunks of 10, then one token at a time on a preallocated cache
+        cache = handle.new_cache(64, batch_size=1)
+        got = run_chunks(tiny_model, ids, cache, [10, 10, 5] + [1] * 35)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert torch.equal(tokens, expected_tokens)
 
 
@@ -39,9 +52,21 @@ def test_window_covering_the_sequence_equals_full_attention(tiny_model, ids):
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), rtol=0, atol=1e-10)
 
 
+def test_roles_are_the_independent_binarisation_and_heads_are_reordered(tiny_model):
+    gates = np.random.default_rng(7).random((3, 2))
+    for sparsity in (None, 0.5, 1 / 3):
+        with duo_attention(tiny_model, HeadPattern(gates), sparsity=sparsity) as handle:
+            table = roles_table(tiny_model, HeadPattern(gates), sparsity)
+            np.testing.assert_array_equal(handle.roles, table)
+            assert [lr.num_retrieval for lr in handle.layer_roles] == table.sum(axis=1).tolist()
+            assert handle.order.num_retrieval == tuple(table.sum(axis=1).tolist())
+            for row, perm in zip(table, handle.order.perms):  # retrieval heads first, each group in its order
+                assert perm.tolist() == [h for h in range(2) if row[h]] + [h for h in range(2) if not row[h]]
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4, 1])
 @pytest.mark.parametrize("sink, recent", [(3, 7), (0, 5), (8, 1)])
-def test_fast_path_matches_dense_reference(kv_heads, sink, recent, ids):
+def test_every_path_matches_the_dense_reference(kv_heads, sink, recent, ids):
     model = tiny_llama(heads=4, kv_heads=kv_heads)
     gates = np.random.default_rng(kv_heads + sink).random((3, kv_heads))
     pattern = HeadPattern(gates, sink=sink, recent=recent)
@@ -49,12 +74,38 @@ def test_fast_path_matches_dense_reference(kv_heads, sink, recent, ids):
     with duo_attention(model, pattern, sparsity=0.5) as handle:
         assert 0 < handle.retrieval_ratio < 1 or kv_heads == 1
         single = model(ids, use_cache=False).logits  # no cache: plain keys
-        prefill = model(ids).logits  # DuoCache, one chunk
-        chunked = run_chunks(model, ids, handle.new_cache(), [7, 13, 1, 20, 19])
-        decoded = run_chunks(model, ids, handle.new_cache(), [1] * ids.shape[1])
-        prealloc = run_chunks(model, ids, handle.new_cache(max_cache_len=64), [25, 1, 1, 33])
+        prefill = model(ids).logits  # a DuoCache injected by forward, one chunk
+        chunked = run_chunks(model, ids, handle.new_cache(60), [7, 13, 1, 20, 19])
+        decoded = run_chunks(model, ids, handle.new_cache(60), [1] * ids.shape[1])
+        prealloc = run_chunks(model, ids, handle.new_cache(64, batch_size=1), [25, 1, 1, 33])
     for got in (single, prefill, chunked, decoded, prealloc):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+CASES = [  # (KV heads, sink, recent, streaming prefill kernel): MHA / GQA / MQA, windows shorter and longer than a chunk
+    (2, 3, 7, "blocks"), (4, 0, 5, "flex"), (1, 8, 1, "blocks"), (2, 130, 20, "flex"), (2, 3, 7, "flex"),
+    (4, 0, 5, "blocks"),
+]
+
+
+@pytest.mark.parametrize("kv_heads, sink, recent, kernel", CASES)
+def test_long_prefill_and_decode_match_the_dense_reference(kv_heads, sink, recent, kernel):
+    """Prompts longer than a 128-token scratch block, prefilled in one or several chunks with the block-sparse
+    (FlexAttention, eager on the CPU) or the block-by-block SDPA streaming kernel, then decoded token by token."""
+    model = tiny_llama(heads=4, kv_heads=kv_heads)
+    ids = ids_of(170, seed=kv_heads)
+    gates = np.random.default_rng(kv_heads + sink).random((3, kv_heads))
+    pattern = HeadPattern(gates, sink=sink, recent=recent)
+    expected = reference_logits(model, pattern, ids, sparsity=0.5)
+    choice = KernelChoice(streaming_prefill="flex-eager" if kernel == "flex" else "blocks")
+    # no_grad: FlexAttention has no backward on the CPU (generate runs without gradients anyway)
+    with torch.no_grad(), duo_attention(model, pattern, sparsity=0.5, kernels=choice) as handle:
+        for chunk in (37, 150):
+            cache = handle.new_cache(180)
+            sizes = [chunk] * (150 // chunk) + ([150 % chunk] if 150 % chunk else []) + [1] * 20
+            got = run_chunks(model, ids, cache, sizes)
+            assert cache.describe()["streaming_prefill_kernel"] == choice.streaming_prefill
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 59, 200])
@@ -70,41 +121,56 @@ def test_chunked_prefill_in_generate_matches_single_pass(tiny_model, ids, chunk)
     assert handle.prefill_chunk_size == chunk
 
 
-def test_generate_returns_a_duo_cache_with_the_formula_bytes(tiny_model, ids):
+def test_generate_returns_a_duo_cache_sized_to_the_request_with_the_formula_bytes(tiny_model, ids):
     with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=6), prefill_chunk_size=16) as handle:
         out = tiny_model.generate(ids, max_new_tokens=9, do_sample=False, return_dict_in_generate=True)
     cache = out[cache_kwarg(tiny_model)]
     assert isinstance(cache, DuoCache)
     t = ids.shape[1] + 9 - 1  # the last generated token is never fed back
-    assert cache.get_seq_length() == t
-    # 3 layers; retrieval heads per layer 1, 0, 1 of 2; head_dim 8; float64
-    formula = (2 * t + 4 * min(t, 2 + 6)) * 8 * 2 * 8
-    assert cache.kv_bytes() == formula == handle.expected_kv_bytes(t)
+    assert cache.length() == t and isinstance(cache.get_seq_length(), torch.Tensor) and cache.get_seq_length() == t
+    capacity = ids.shape[1] + 9  # preallocated for prompt + max_new_tokens
+    assert cache.max_len == capacity
+    # 3 layers; retrieval heads per layer 1, 0, 1 of 2; head_dim 8; float64; (K, V)
+    formula = (2 * capacity + 4 * min(capacity, 2 + 6)) * 8 * 8 * 2
+    assert cache.kv_bytes() == formula == handle.expected_kv_bytes(capacity)
+    assert handle.expected_kv_bytes(capacity, batch_size=3) == 3 * formula
+
+
+def test_kv_bytes_of_a_preallocated_cache_do_not_depend_on_what_it_holds(tiny_model, ids):
+    with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=6)) as handle:
+        cache = handle.new_cache(100, batch_size=2)
+        assert cache.kv_bytes() == handle.expected_kv_bytes(100, batch_size=2) == 2 * (2 * 100 + 4 * 8) * 8 * 8 * 2
+        run_chunks(tiny_model, ids[:, :30].expand(2, -1), cache, [30])
+        assert cache.length() == 30 and cache.kv_bytes() == handle.expected_kv_bytes(100, batch_size=2)
+
+
+def test_kv_bytes_of_a_cache_shorter_than_the_streaming_window_match_the_formula(tiny_model):
+    with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=6)) as handle:
+        short = handle.new_cache(5, batch_size=1)  # 5 tokens < sink + recent = 8
+        # by hand: 2 retrieval KV heads x 5 tokens + 4 streaming KV heads x min(5, 8) slots, head_dim 8, float64, K+V
+        assert handle.expected_kv_bytes(5) == (2 * 5 + 4 * 5) * 8 * 8 * 2
+        assert short.kv_bytes() == handle.expected_kv_bytes(5)
 
 
 def test_context_manager_is_reversible(tiny_model, ids):
     before = tiny_model(ids).logits
-    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    with duo_attention(tiny_model, HeadPattern(MIXED, sink=1, recent=2)):
+    state = model_state(tiny_model)
+    with duo_attention(tiny_model, HeadPattern(MIXED, sink=1, recent=2)) as handle:
         assert tiny_model.config._attn_implementation == ATTN_NAME
+        assert handle.order.num_retrieval == (1, 0, 1)
+        assert not torch.equal(tiny_model.model.layers[2].self_attn.k_proj.weight,
+                               state["model.layers.2.self_attn.k_proj.weight"])  # layer 2's heads were swapped
         assert not torch.allclose(tiny_model(ids).logits, before)
-    assert tiny_model.config._attn_implementation == "sdpa"
-    assert "generate" not in vars(tiny_model)
-    assert not any(hasattr(m, ROLES_ATTR) for m in tiny_model.modules())
-    assert not tiny_model._forward_pre_hooks
+    assert_restored(tiny_model, state)
     torch.testing.assert_close(tiny_model(ids).logits, before, rtol=0, atol=0)
-    assert all(torch.equal(v, state[k]) for k, v in tiny_model.state_dict().items())
-    # enable / disable pair, and the context manager restores even on error
+    # enable / disable pair
     enable_duo_attention(tiny_model, HeadPattern(MIXED))
     with pytest.raises(RuntimeError, match="already enabled"):
         enable_duo_attention(tiny_model, HeadPattern(MIXED))
     disable_duo_attention(tiny_model)
     with pytest.raises(RuntimeError, match="not enabled"):
         disable_duo_attention(tiny_model)
-    with pytest.raises(KeyError):
-        with duo_attention(tiny_model, HeadPattern(MIXED)):
-            raise KeyError("boom")
-    assert tiny_model.config._attn_implementation == "sdpa"
+    assert_restored(tiny_model, state)
 
 
 def test_bad_inputs_are_refused_clearly(tiny_model):
@@ -118,10 +184,25 @@ def test_bad_inputs_are_refused_clearly(tiny_model):
         enable_duo_attention(tiny_model, HeadPattern(MIXED), prefill_chunk_size=0)
     with pytest.raises(TypeError, match="HeadPattern"):
         enable_duo_attention(tiny_model, MIXED)
+    with pytest.raises(TypeError, match="KernelChoice"):
+        enable_duo_attention(tiny_model, HeadPattern(MIXED), kernels="triton")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50))
     with pytest.raises(ValueError, match="model_type 'gpt2'.*supported: llama"):
         enable_duo_attention(gpt2, HeadPattern.uniform(2, 2))
     assert tiny_model.config._attn_implementation == "sdpa"  # failed enables leave nothing behind
+    assert not any(hasattr(m, ROLES_ATTR) for m in tiny_model.modules())
+
+
+def test_a_cache_too_small_for_the_request_is_refused(tiny_model, ids):
+    state = model_state(tiny_model)
+    with duo_attention(tiny_model, HeadPattern(MIXED, sink=1, recent=2)) as handle:
+        with pytest.raises(ValueError, match="sized for 8 tokens"):
+            tiny_model(ids[:, :9], **{cache_kwarg(tiny_model): handle.new_cache(8)})
+        cache = handle.new_cache(8)
+        run_chunks(tiny_model, ids[:, :8], cache, [4, 3, 1])  # exactly full
+        with pytest.raises(ValueError, match="sized for 8 tokens"):
+            tiny_model(ids[:, 8:9], **{cache_kwarg(tiny_model): cache})
+    assert_restored(tiny_model, state)
 
 
 def test_padded_batches_are_refused_and_equal_length_batches_work(tiny_model):
@@ -134,30 +215,39 @@ def test_padded_batches_are_refused_and_equal_length_batches_work(tiny_model):
             tiny_model.generate(ids, attention_mask=mask, max_new_tokens=3)
         batched = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         one = tiny_model.generate(ids[1:], max_new_tokens=4, do_sample=False)
-    assert torch.equal(batched[1:], one)
+        zero = tiny_model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(batched, torch.cat([zero, one]))
 
 
 def test_generate_with_a_generation_config_still_gets_a_duo_cache(tiny_model, ids):
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=6)):
+    with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=6), prefill_chunk_size=16):
         out = tiny_model.generate(ids, generation_config=config)
-    assert isinstance(out[cache_kwarg(tiny_model)], DuoCache)
+    assert isinstance(out[cache_kwarg(tiny_model)], DuoCache) and out[cache_kwarg(tiny_model)].max_len == 63
+    assert config.prefill_chunk_size is None  # the user's config is not modified
 
 
 def test_a_failing_enable_leaves_the_model_untouched(tiny_model, ids, monkeypatch):
     before = tiny_model(ids).logits
+    state = model_state(tiny_model)
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot switch")
 
     monkeypatch.setattr(type(tiny_model), "set_attn_implementation", broken)
     with pytest.raises(RuntimeError, match="cannot switch"):
-        enable_duo_attention(tiny_model, HeadPattern(MIXED))
+        enable_duo_attention(tiny_model, HeadPattern(MIXED))  # after the heads were reordered
     monkeypatch.undo()
-    assert not any(hasattr(m, ROLES_ATTR) for m in tiny_model.modules())
-    assert "generate" not in vars(tiny_model) and not tiny_model._forward_pre_hooks
+    assert_restored(tiny_model, state)
     torch.testing.assert_close(tiny_model(ids).logits, before, rtol=0, atol=0)
     enable_duo_attention(tiny_model, HeadPattern(MIXED))  # and it can be enabled afterwards
     disable_duo_attention(tiny_model)
+
+
+def test_a_duo_cache_without_duo_attention_is_refused_clearly(tiny_model, ids):
+    with duo_attention(tiny_model, HeadPattern(MIXED)) as handle:
+        cache = handle.new_cache(16)
+    with pytest.raises((ValueError, RuntimeError), match="DuoAttention"):
+        tiny_model(ids[:, :4], **{cache_kwarg(tiny_model): cache})

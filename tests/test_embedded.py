@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import dense_reference_forward
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from conftest import reference_logits
 
 from duoattn import HeadPattern, duo_attention
 from duoattn.eval.generation import GenerationSettings, generate_answer
 from duoattn.eval.passkey import passkey_sample, score_passkey
-from duoattn.patch import ATTN_NAME, cache_kwarg, duo_mask
+from duoattn.deploy import cache_kwarg
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +33,10 @@ def test_all_retrieval_matches_unpatched_and_streaming_really_forgets(smol):
     assert score_passkey(sample.answer, full_text) == 1.0
     with duo_attention(model, HeadPattern.uniform(30, 3, 1.0, sink=16, recent=64)):
         text, nbytes = generate_answer(model, tokenizer, sample.input_ids, settings)
-    assert text == full_text and nbytes == full_bytes
+    # the stock cache holds the tokens it saw (prompt + 6); the DuoCache is sized for prompt + max_new_tokens
+    per_token = 30 * 3 * 64 * 4 * 2  # layers x KV heads x head_dim x float32 x (K, V)
+    assert full_bytes == per_token * (len(sample.input_ids) + 6)
+    assert text == full_text and nbytes == per_token * (len(sample.input_ids) + 7)
     with duo_attention(model, HeadPattern.uniform(30, 3, 0.0, sink=16, recent=64)) as duo:
         text, nbytes = generate_answer(model, tokenizer, sample.input_ids, settings)
     # the passkey sits ~300 tokens back, outside every head's sink + recent window: it cannot be recovered
@@ -47,14 +48,10 @@ def test_mixed_pattern_matches_dense_reference(smol):
     model, tokenizer = smol
     ids = torch.tensor([passkey_sample(tokenizer, 300, depth=0.3, seed=5).input_ids])
     pattern = HeadPattern.random(30, 3, seed=0, sink=16, recent=64)
-    AttentionInterface.register("duoref", dense_reference_forward)
-    AttentionMaskInterface.register("duoref", duo_mask)
+    expected = reference_logits(model, pattern, ids, sparsity=0.5)
     with torch.inference_mode(), duo_attention(model, pattern, sparsity=0.5) as duo:
-        model.set_attn_implementation("duoref")
-        expected = model(ids, use_cache=False).logits
-        model.set_attn_implementation(ATTN_NAME)
         single = model(ids).logits
-        cache, chunks = duo.new_cache(), []
+        cache, chunks = duo.new_cache(ids.shape[1]), []
         for start in range(0, ids.shape[1] - 20, 70):  # chunked prefill, then 20 single-token steps
             chunks.append(model(ids[:, start : min(start + 70, ids.shape[1] - 20)], **{cache_kwarg(model): cache}).logits)
         for pos in range(ids.shape[1] - 20, ids.shape[1]):

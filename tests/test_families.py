@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from duoattn import HeadPattern, duo_attention, enable_duo_attention
 from duoattn.cache import DuoCache, DuoLayer
 from duoattn.models import SUPPORTED_MODEL_TYPES
-from duoattn.patch import cache_kwarg
+from duoattn.deploy import cache_kwarg
 
 LAYERS, HEADS = 4, 4
 SHAPES = {"gqa": 2, "mha": 4}  # KV heads for 4 query heads
@@ -77,8 +77,8 @@ def test_mixed_pattern_matches_the_dense_reference(family, shape, ids):
         assert 0 < handle.retrieval_ratio < 1
         single = model(ids, use_cache=False).logits
         prefill = model(ids).logits
-        chunked = run_chunks(model, ids, handle.new_cache(), [5, 11, 1, 15])
-        decoded = run_chunks(model, ids, handle.new_cache(), [1] * ids.shape[1])
+        chunked = run_chunks(model, ids, handle.new_cache(32), [5, 11, 1, 15])
+        decoded = run_chunks(model, ids, handle.new_cache(32), [1] * ids.shape[1])
     for got in (single, prefill, chunked, decoded):
         torch.testing.assert_close(got, expected, rtol=0, atol=tolerance(family))
 
@@ -94,7 +94,8 @@ def test_decoding_after_chunked_prefill_equals_single_pass(family, ids):
     assert torch.equal(chunked.sequences, single.sequences)
     atol = tolerance(family)
     torch.testing.assert_close(torch.stack(chunked.scores), torch.stack(single.scores), rtol=0, atol=atol)
-    t = ids.shape[1] + GEN["max_new_tokens"] - 1
+    t = ids.shape[1] + GEN["max_new_tokens"]  # the cache is sized to the request
+    assert chunked[cache_kwarg(model)].max_len == t
     assert chunked[cache_kwarg(model)].kv_bytes() == handle.expected_kv_bytes(t)
 
 
@@ -144,7 +145,7 @@ def test_local_layers_are_left_as_they_were(family, ids):
     for layer, w in zip(cache.layers, windows):
         assert isinstance(layer, DynamicSlidingWindowLayer if w else DuoLayer)
         assert w is None or layer.keys.shape[-2] == w - 1  # transformers' own window cache
-    assert cache.kv_bytes() == handle.expected_kv_bytes(ids.shape[1] + 2)
+    assert cache.kv_bytes() == handle.expected_kv_bytes(ids.shape[1] + 3)  # sized for prompt + max_new_tokens
 
 
 def test_gemma2_soft_capping_is_exercised(ids):
@@ -238,10 +239,10 @@ def test_gemma3_multimodal_text_prompts_and_refused_images(ids):
     assert not torch.allclose(expected, model(ids).logits, atol=1e-3)
     with duo_attention(model, pattern, sparsity=0.5) as handle:
         torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-10)
-        decoded = run_chunks(model, ids, handle.new_cache(), [9] + [1] * (ids.shape[1] - 9))
+        decoded = run_chunks(model, ids, handle.new_cache(ids.shape[1]), [9] + [1] * (ids.shape[1] - 9))
         torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-10)
         # Image tokens attend to each other bidirectionally: a mask DuoAttention layers cannot honour.
         with_image = torch.cat([ids[:, :5], torch.tensor([[297, 299, 299, 299, 299, 298]]), ids[:, 5:]], dim=1)
-        with pytest.raises(ValueError, match="custom mask"):
+        with pytest.raises(ValueError, match="custom attention mask"):
             model(with_image, pixel_values=torch.randn(1, 3, 28, 28, dtype=torch.float64),
                   token_type_ids=(with_image == 299).long())

@@ -1,4 +1,5 @@
-"""The fast engine on a GPU in bfloat16: compiled FlexAttention, Triton decode, CUDA graphs, against SDPA references.
+"""The deployment path on a GPU in bfloat16: compiled FlexAttention prefill, Triton decode (dense and quantised),
+CUDA-graph decode steps inside ``generate``, against references.
 
 Skipped without CUDA. Errors are relative (``||got - ref|| / ||ref||``), bfloat16-sized.
 """
@@ -8,11 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import cache_kwarg, reference_logits, run_chunks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from duoattn import HeadPattern, duo_attention
-from duoattn.engine import DecodeRunner, StaticDuoCache, fast_duo_attention, prefill
-from duoattn.engine.attention import _decode
 from duoattn.kernels.dispatch import KernelChoice
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -39,72 +39,65 @@ def pattern() -> HeadPattern:
     return HeadPattern(np.array([[1.0, 0.0], [0.0, 0.0], [0.3, 0.9], [1.0, 1.0]]), sink=SINK, recent=RECENT)
 
 
-def core_logits(model, ids) -> torch.Tensor:
-    """The core implementation's logits for every position (one pass, its own SDPA kernels)."""
-    with duo_attention(model, pattern()):
-        return model(ids, use_cache=False).logits
+def ids_of(length, seed):
+    return torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(seed)).cuda()
 
 
 @pytest.mark.parametrize("streaming", ["flex", "blocks"])
-def test_engine_prefill_and_graph_decode_match_the_core(model, streaming):
-    ids = torch.randint(0, 1000, (1, 3000), generator=torch.Generator().manual_seed(0)).cuda()
-    expected = core_logits(model, ids)
-    with fast_duo_attention(model, pattern()) as engine:
-        cache = engine.new_cache(3072, kernels=KernelChoice(streaming_prefill=streaming))
-        last = prefill(model, cache, ids[:, :2600], 1024)
-        assert not cache.state.kernel_workspace.get("flex_failed"), cache.state.kernel_workspace.get("flex_failed")
-        assert rel(last, expected[:, 2599]) < 2e-2
-        runner = DecodeRunner(model, cache)
-        assert runner.graph is not None
-        got = torch.stack([runner.step(ids[:, t]).clone() for t in range(2600, 3000)], dim=1)
-    assert rel(got, expected[:, 2600:3000]) < 2e-2
+def test_chunked_prefill_and_decode_match_the_oracle(model, streaming):
+    ids = ids_of(1500, 0)
+    expected = reference_logits(model, pattern(), ids)
+    with torch.no_grad(), duo_attention(model, pattern(), kernels=KernelChoice(streaming_prefill=streaming)) as h:
+        cache = h.new_cache(1536)
+        got = run_chunks(model, ids, cache, [512, 512, 200] + [1] * 276)
+        assert not cache.state.workspace.kernel.get("flex_failed"), cache.state.workspace.kernel.get("flex_failed")
+        assert cache.describe()["decode_kernel"] == "triton"
+    assert rel(got[:, :1224], expected[:, :1224]) < 2e-2
+    assert rel(got[:, 1224:], expected[:, 1224:]) < 2e-2
 
 
-def test_graph_replay_equals_eager_decoding(model):
-    ids = torch.randint(0, 1000, (1, 700), generator=torch.Generator().manual_seed(1)).cuda()
-    with fast_duo_attention(model, pattern()) as engine:
-        outs = []
-        for graph in (False, True):
-            cache = engine.new_cache(800)
-            prefill(model, cache, ids[:, :600], 300)
-            runner = DecodeRunner(model, cache, graph=graph)
-            outs.append(torch.stack([runner.step(ids[:, t]).clone() for t in range(600, 700)], dim=1))
-            assert cache.length() == 700
-    assert rel(outs[1], outs[0]) < 1e-3
+@pytest.mark.parametrize("kv_bits", [16, 8, 4])
+def test_generate_with_graphs_equals_generate_without(model, kv_bits):
+    ids = ids_of(700, 1)
+    kw = dict(max_new_tokens=40, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    outs = []
+    for graphs in (False, True):
+        with duo_attention(model, pattern(), kv_bits=kv_bits, prefill_chunk_size=256, cuda_graphs=graphs) as h:
+            outs.append(model.generate(ids, **kw))
+            cache = outs[-1][cache_kwarg(model)]
+            assert (cache in h.graphs.steps) == graphs, h.graphs.failed
+            assert cache.length() == 739
+    assert rel(torch.stack(outs[1].scores), torch.stack(outs[0].scores)) < 1e-2
 
 
-def test_full_path_matches_the_unpatched_model(model):
-    ids = torch.randint(0, 1000, (1, 2000), generator=torch.Generator().manual_seed(2)).cuda()
-    expected = model(ids).logits
-    with fast_duo_attention(model, HeadPattern.uniform(4, 2, 1.0)) as engine:
-        cache = engine.new_cache(2048)
-        last = prefill(model, cache, ids[:, :1500], 512)
-        runner = DecodeRunner(model, cache)
-        got = torch.stack([runner.step(ids[:, t]).clone() for t in range(1500, 2000)], dim=1)
-    assert rel(last, expected[:, 1499]) < 2e-2
-    assert rel(got, expected[:, 1500:2000]) < 2e-2
+def test_full_attention_generate_matches_the_unpatched_model(model):
+    ids = ids_of(2000, 2)
+    # An explicit mask: with pad_token_id=0 generate would otherwise treat every token 0 in the prompt as padding.
+    kw = dict(max_new_tokens=32, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    expected = model.generate(ids, **kw)
+    with duo_attention(model, HeadPattern.uniform(4, 2, 1.0), prefill_chunk_size=512):
+        got = model.generate(ids, **kw)
+    assert rel(torch.stack(got.scores), torch.stack(expected.scores)) < 3e-2
 
 
-def test_split_kv_decode_at_long_context_matches_sdpa():
-    """One long cache (200K tokens, GQA 4:1): the Triton path against the torch path on the same cache."""
-    g = torch.Generator(device="cuda").manual_seed(3)
-    caches = {}
-    for name in ("triton", "torch"):
-        cache = StaticDuoCache([2, 1], 1, 200_000, 3, 4, 128, SINK, RECENT, dtype=torch.bfloat16, device="cuda",
-                               kernels=KernelChoice(decode=name))
-        caches[name] = cache
-    caches["triton"].fill_random(199_990, g)
-    for a, b in zip(caches["triton"].layers, caches["torch"].layers):
-        for name in ("full_k", "full_v", "ring_k", "ring_v"):
-            getattr(b, name).copy_(getattr(a, name))
-    caches["torch"].set_length(199_990)
-    q = torch.randn(1, 12, 1, 128, generator=g, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 3, 1, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+def test_split_kv_decode_at_long_context_matches_the_torch_path(model):
+    """One long random cache (200K tokens): a decode step on the Triton kernels against the torch path."""
     outs = {}
-    for name, cache in caches.items():
-        states, _ = cache.update(k, k.neg(), 0)
-        outs[name] = _decode(q, states, 128**-0.5).clone()
-    assert rel(outs["triton"], outs["torch"]) < 1e-2
+    token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    with torch.no_grad(), duo_attention(model, pattern()) as h:
+        caches = {name: h.new_cache(200_016, batch_size=1, kernels=KernelChoice(decode=name))
+                  for name in ("triton", "torch")}
+        caches["triton"].fill_random(200_000, torch.Generator(device="cuda").manual_seed(3))
+        for a, b in zip(caches["triton"].layers, caches["torch"].layers):
+            for name in ("full_k", "full_v", "ring_k", "ring_v"):
+                if getattr(a, name) is not None:
+                    getattr(b, name).copy_(getattr(a, name))
+        caches["torch"].set_length(200_000)
+        for name, cache in caches.items():
+            outs[name] = model(token, **{cache_kwarg(model): cache}).logits.clone()
+    assert rel(outs["triton"], outs["torch"]) < 2e-2
     tri, ref = caches["triton"].layers[0], caches["torch"].layers[0]
-    assert torch.equal(tri.full_k[:, :, 199_990], k[:, :2, 0]) and torch.equal(tri.full_k, ref.full_k)
-    assert torch.equal(tri.ring_k, ref.ring_k) and torch.equal(tri.ring_v, ref.ring_v)
+    assert torch.equal(tri.full_k[:, :, 200_000], ref.full_k[:, :, 200_000])  # the appended token, both paths
+    assert torch.equal(tri.ring_k, ref.ring_k)

@@ -20,7 +20,7 @@ from duoattn.identify.gates import GATE_ATTR, GateSet, gated_attention, student_
 from duoattn.identify.schedule import lr_factor
 from duoattn.identify.train import IdentifyConfig, train_gates
 from duoattn.kernels.reference import reference_attention
-from duoattn.patch import duo_mask
+from duoattn.attention import duo_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -131,3 +131,35 @@ def test_paths_without_softcap_stay_on_sdpa(monkeypatch):
     causal_attention(q[:, :, -5:], k, v, 0.3)
     dense_attention(q[:, :, -1:], k, v, 0.3)
     streaming_attention(q, k[:, :, :2], v[:, :, :2], k, v, 0, 4, 0.3)
+
+
+# ------------------------------------------------------------------------------------------- block-sparse mask
+@pytest.mark.parametrize("start, size, sink, recent", [
+    (0, 1000, 64, 256), (5000, 1000, 64, 256), (100, 700, 64, 256), (0, 300, 200, 100), (40, 513, 0, 129),
+    (300, 2048, 4, 1),
+])
+def test_flex_block_mask_lists_every_block_with_a_visible_key(start, size, sink, recent):
+    """Token-level visibility by absolute position (the oracle's rule) over the scratch layout, reduced to 128 x 128
+    blocks, must be covered by the block mask; and the mask must skip the rest of a long chunk."""
+    from duoattn.kernels.flex import BLOCK, FlexStreaming
+    from duoattn.kernels.reference import visibility
+
+    from duoattn.layout import ChunkPlan
+
+    plan = ChunkPlan.build(start, size, sink, recent)
+    flex = FlexStreaming(sink, recent, plan.prefix, torch.device("cpu"))
+    listed = flex.block_mask(plan).to_dense()[0, 0].bool()  # [q blocks, kv blocks]
+    kv_pos = flex.kv_pos[: plan.scratch_length].long()
+    q_pos = torch.arange(start, start + size)
+    seen = visibility(q_pos, kv_pos.clamp(min=0), sink, recent, streaming=True) & (kv_pos >= 0)
+    # every position the chunk may see appears exactly once in the layout
+    expected = visibility(torch.tensor([start + size - 1]), torch.arange(start + size), sink, recent, True)[0]
+    assert sorted(kv_pos[seen[-1]].tolist()) == torch.nonzero(expected).flatten().tolist()
+    nq, nk = listed.shape
+    pad = torch.zeros(nq * BLOCK, nk * BLOCK, dtype=torch.bool)
+    pad[:size, : plan.scratch_length] = seen
+    needed = pad.view(nq, BLOCK, nk, BLOCK).any(dim=3).any(dim=1)
+    assert not (needed & ~listed).any(), "a block holding visible keys is missing from the block mask"
+    assert listed.sum(dim=1).max() <= flex.max_blocks()
+    if size >= 2048:
+        assert listed.float().mean() < 0.5  # long chunks: most blocks are skipped

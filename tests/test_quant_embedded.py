@@ -20,13 +20,15 @@ def test_quantised_cache_keeps_the_passkey(smol):
     sample = passkey_sample(tokenizer, 600, depth=0.5, seed=3)
     settings = GenerationSettings(max_new_tokens=7, prefill_chunk_size=256)
     full_text, full_bytes = generate_answer(model, tokenizer, sample.input_ids, settings)
-    t = len(sample.input_ids) + 6
+    t = len(sample.input_ids) + 7  # the DuoCache is sized for prompt + max_new_tokens
+    per_token = 30 * 3 * 64 * 4 * 2  # layers x KV heads x head_dim x float32 x (K, V)
+    assert full_bytes == per_token * (t - 1)  # the stock cache holds the tokens it saw
     for bits in (8, 4):
         with duo_attention(model, HeadPattern.uniform(30, 3, 1.0, sink=16, recent=64), kv_bits=bits) as duo:
             text, nbytes = generate_answer(model, tokenizer, sample.input_ids, settings)
         assert score_passkey(sample.answer, text) == 1.0, (bits, text)
         # float32 model: a 64-channel vector is 256 bytes; int8 takes 64 + 8, int4 32 + 8
-        assert nbytes == duo.expected_kv_bytes(t) == full_bytes * (64 * bits // 8 + 8) // 256
+        assert nbytes == duo.expected_kv_bytes(t) == per_token * t * (64 * bits // 8 + 8) // 256
 
 
 def test_int8_weights_keep_the_passkey():

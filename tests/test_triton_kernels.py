@@ -19,15 +19,11 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)",
                 allow_module_level=True)
 
-from conftest import dense_reference_forward  # noqa: E402
-from transformers import AttentionInterface  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from conftest import reference_logits, run_chunks  # noqa: E402
 
 from duoattn import HeadPattern, duo_attention  # noqa: E402
-from duoattn.engine import DecodeRunner, fast_duo_attention, prefill  # noqa: E402
 from duoattn.kernels import decode_triton  # noqa: E402
 from duoattn.kernels.dispatch import KernelChoice  # noqa: E402
-from duoattn.patch import ATTN_NAME, duo_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -109,24 +105,20 @@ def test_append_token_writes_the_full_cache_and_the_ring_slot():
         assert torch.equal(rk[:, :, slot], k[:, n_ret:, 0]) and torch.equal(rv[:, :, slot], v[:, n_ret:, 0])
 
 
-def test_engine_with_triton_kernels_matches_the_dense_reference():
+def test_deployment_with_triton_kernels_matches_the_dense_reference():
+    """The decode steps of the deployment path on the Triton kernels (append + split-KV decode), after a chunked
+    prefill, against the dense oracle on the unpatched model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # head_dim 16
     model = LlamaForCausalLM(config).to(DEVICE).eval()
-    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ids = torch.randint(0, 97, (1, 105), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     pattern = HeadPattern(np.array([[1.0, 0.0], [0.0, 0.0], [0.2, 0.9]]), sink=3, recent=20)
-    AttentionInterface.register("duoref", dense_reference_forward)
-    AttentionMaskInterface.register("duoref", duo_mask)
-    with duo_attention(model, pattern):
-        model.set_attn_implementation("duoref")
-        expected = model(ids, use_cache=False).logits
-        model.set_attn_implementation(ATTN_NAME)
-    with fast_duo_attention(model, pattern) as engine:
-        cache = engine.new_cache(max_len=128, kernels=KernelChoice(decode="triton"))
-        prefill(model, cache, ids[:, :90], 45)
-        runner = DecodeRunner(model, cache, graph=False)
-        got = torch.stack([runner.step(ids[:, t]).clone() for t in range(90, 120)], dim=1)
-    torch.testing.assert_close(got, expected[:, 90:120], rtol=1e-4, atol=1e-4)
+    expected = reference_logits(model, pattern, ids)
+    with torch.no_grad(), duo_attention(model, pattern, kernels=KernelChoice(decode="triton"), cuda_graphs=False) as h:
+        cache = h.new_cache(112)
+        got = run_chunks(model, ids, cache, [45, 45] + [1] * 15)
+        assert cache.describe()["decode_kernel"] == "triton" and cache.graph_safe
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
