@@ -260,6 +260,8 @@ def _request_length(args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | No
         ids = kwargs.get("inputs_embeds")
     if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
         return None
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)}): give at least one token per sequence")
     return ids.shape[0], ids.shape[1]
 
 

@@ -242,3 +242,12 @@ def test_a_decode_step_allocates_nothing_that_grows_with_the_context(kernels):
         large = decode_step_bytes(model, 400, lambda n: handle.new_cache(n))
     assert small.total > 0
     assert large.by_op == small.by_op  # op for op, the same bytes at 8x the context
+
+
+def test_empty_input_ids_are_refused_clearly(tiny_model):
+    with duo_attention(tiny_model, HeadPattern(np.full((3, 2), 0.7))):
+        empty = torch.zeros(1, 0, dtype=torch.long)
+        with pytest.raises(ValueError, match="input_ids is empty"):
+            tiny_model(empty)
+        with pytest.raises(ValueError, match="input_ids is empty"):
+            tiny_model.generate(empty, max_new_tokens=2)
