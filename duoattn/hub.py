@@ -113,6 +113,8 @@ def resolve_pattern_dir(
         raise TypeError(f"a pattern is named by a string or a path, got {type(name_or_path).__name__}")
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
+    if path.is_file():
+        raise NotADirectoryError(f"pattern directory {text!r} is a file, not a directory")
     if path.is_dir():
         _no_revision(revision, f"the local directory {text!r}")
         if not is_pattern_dir(path):

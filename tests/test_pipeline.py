@@ -96,12 +96,16 @@ def test_a_copied_cache_is_independent_of_the_original(setup):
     model, _, pattern = setup
     ids = torch.randint(5, 97, (1, 20))
     with duo_attention(model, pattern, sparsity=0.5) as handle, torch.inference_mode():
-        cache = handle.new_cache()
+        cache = handle.new_cache(40)
         model(ids, past_key_values=cache, use_cache=True)
         copied = copy_cache(cache)
+        before = [t.clone() for layer in cache.layers for t in (layer.full_k, layer.ring_k) if t is not None]
         model(ids[:, :3], past_key_values=copied, use_cache=True)
-        assert (cache.get_seq_length(), copied.get_seq_length()) == (20, 23)
-        assert cache.kv_bytes() < copied.kv_bytes()
+        assert (cache.length(), copied.length()) == (20, 23)
+        after = [t for layer in cache.layers for t in (layer.full_k, layer.ring_k) if t is not None]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))  # the original did not see the copy's tokens
+        moved = [t for layer in copied.layers for t in (layer.full_k, layer.ring_k) if t is not None]
+        assert not all(torch.equal(a, b) for a, b in zip(before, moved))
 
 
 def test_the_model_is_left_as_it_was_between_calls(setup):
