@@ -14,14 +14,13 @@ if not torch.cuda.is_available():
     # imports triton (transformers does), since triton.language's own helpers are defined at that moment.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import oracle  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
 
-from duoattn import duo_attention  # noqa: E402
 from duoattn.kernels.reference import reference_attention  # noqa: E402
-from duoattn.patch import ATTN_NAME, ROLES_ATTR, cache_kwarg, duo_mask  # noqa: E402
+from duoattn.patch import ROLES_ATTR, cache_kwarg  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, max_position_embeddings=4096)
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -124,16 +123,14 @@ def dense_reference_forward(module, query, key, value, attention_mask, scaling=N
     return out.transpose(1, 2), None
 
 
-def reference_logits(model, pattern, ids, **kwargs):
-    """Logits of the whole sequence with explicit per-head masks (no cache)."""
-    AttentionInterface.register("duoref", dense_reference_forward)
-    AttentionMaskInterface.register("duoref", duo_mask)
-    with duo_attention(model, pattern, **kwargs):
-        model.set_attn_implementation("duoref")
-        try:
-            return model(ids, use_cache=False).logits
-        finally:
-            model.set_attn_implementation(ATTN_NAME)
+def reference_logits(model, pattern, ids, sparsity=None, sink=None, recent=None):
+    """Logits of the whole sequence from the independent oracle (``tests/oracle.py``): roles binarised there from
+    the pattern's gates, sink / recent applied there, the unpatched model's own projections."""
+    layers = [w is None for w in oracle.local_windows(model.config.get_text_config())]
+    roles = oracle.binarize(pattern.gates, sparsity=sparsity, layers=layers)
+    sink = pattern.sink if sink is None else sink
+    recent = pattern.recent if recent is None else recent
+    return oracle.oracle_logits(model, roles, sink, recent, ids)
 
 
 def run_chunks(model, ids, cache, sizes):
