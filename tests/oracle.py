@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +63,14 @@ def local_windows(config: PretrainedConfig) -> list[int | None]:
 
 @dataclass(frozen=True)
 class Spec:
-    """What the oracle applies to one model: roles ``[layers, kv_heads]`` and the streaming window."""
+    """What the oracle applies to one model: roles ``[layers, kv_heads]``, the streaming window, and optionally
+    a codec that the retrieval heads' keys and values go through (a quantised cache: quantise, then dequantise)."""
 
     roles: np.ndarray
     sink: int
     recent: int
     windows: tuple[int | None, ...]
+    codec: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 _SPECS: dict[int, Spec] = {}  # id(text config) -> spec, while the oracle runs on that model
@@ -111,6 +113,10 @@ def oracle_attention(
     ])[None]  # [1, Hq, C, T]; query head h reads KV head h // groups
     if attention_mask is not None:  # padding, from transformers' own mask function
         masks = masks & attention_mask.to(torch.bool)
+    if spec.codec is not None and spec.windows[layer] is None:
+        keep = torch.as_tensor(spec.roles[layer], device=key.device)[None, :, None, None]
+        key = torch.where(keep, spec.codec(key).to(key.dtype), key)
+        value = torch.where(keep, spec.codec(value).to(value.dtype), value)
     q, k, v = (x.to(torch.float64) for x in (query, key, value))
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-1, -2) * (d**-0.5 if scaling is None else scaling)
@@ -126,7 +132,8 @@ def _text_config(model: PreTrainedModel) -> PretrainedConfig:
 
 
 @contextlib.contextmanager
-def oracle(model: PreTrainedModel, roles: np.ndarray, sink: int, recent: int) -> Iterator[None]:
+def oracle(model: PreTrainedModel, roles: np.ndarray, sink: int, recent: int,
+           codec: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
     """Run ``model`` (not patched by duoattn) under the oracle inside the block."""
     cfg = _text_config(model)
     roles = np.asarray(roles, dtype=bool)
@@ -134,7 +141,7 @@ def oracle(model: PreTrainedModel, roles: np.ndarray, sink: int, recent: int) ->
     AttentionInterface.register(NAME, oracle_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     previous = cfg._attn_implementation
-    _SPECS[id(cfg)] = Spec(roles, sink, recent, tuple(local_windows(cfg)))
+    _SPECS[id(cfg)] = Spec(roles, sink, recent, tuple(local_windows(cfg)), codec)
     model.set_attn_implementation(NAME)
     try:
         yield
@@ -144,9 +151,9 @@ def oracle(model: PreTrainedModel, roles: np.ndarray, sink: int, recent: int) ->
 
 
 def oracle_logits(model: PreTrainedModel, roles: np.ndarray, sink: int, recent: int, ids: torch.Tensor,
-                  **kwargs: Any) -> torch.Tensor:
+                  codec: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
     """Logits of every position of ``ids`` under the oracle, in one pass without cache."""
-    with oracle(model, roles, sink, recent), torch.no_grad():
+    with oracle(model, roles, sink, recent, codec), torch.no_grad():
         return model(ids, use_cache=False, **kwargs).logits
 
 

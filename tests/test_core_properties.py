@@ -59,11 +59,11 @@ def test_binarize_by_hand():
     assert roles.tolist() == [[True, False, False, True], [True, True, True, False]]
     assert HeadPattern(gates).binarize().tolist() == [[True, False, False, True], [False, True, True, False]]
     assert HeadPattern(gates).binarize(threshold=0.7).tolist() == [[True, False, False, True], [False, True, False, False]]
-    with pytest.raises(ValueError, match="either sparsity or threshold"):
+    with pytest.raises(ValueError, match="^give either sparsity or threshold, not both$"):
         HeadPattern(gates).binarize(sparsity=0.5, threshold=0.5)
     with pytest.raises(ValueError, match="threshold must be a finite number"):
         HeadPattern(gates).binarize(threshold=float("nan"))
-    with pytest.raises(ValueError, match="layers selects no layer"):
+    with pytest.raises(ValueError, match="^layers selects no layer: DuoAttention needs at least one layer to apply to$"):
         HeadPattern(gates).binarize(layers=np.array([False, False]))
     with pytest.raises(ValueError, match=r"layers must be a bool array of shape \(2,\)"):
         HeadPattern(gates).binarize(layers=np.array([1, 1]))
@@ -172,7 +172,66 @@ def test_quantized_storage_views_and_copies():
     assert part.num_tokens == 2 and torch.equal(dequantize(part), dequantize(q)[:, 1:3])
     joined = QuantizedKV.cat(q.tokens(0, 2), q.tokens(2, 5))
     assert torch.equal(dequantize(joined), dequantize(q))
-    store = QuantizedKV.empty((2,), 7, 8, cfg, torch.float32, torch.device("cpu"))
-    assert (store.data.shape, store.scale.shape, store.data.dtype) == ((2, 7, 4), (2, 7, 2), torch.uint8)
-    store.write(2, q)
-    assert torch.equal(dequantize(store.tokens(2, 7)), dequantize(q))
+    store = QuantizedKV.empty((2,), 9, 8, cfg, torch.float64, torch.device("cpu"))
+    assert (store.data.shape, store.scale.shape, store.zero.shape) == ((2, 9, 4), (2, 9, 2), (2, 9, 2))
+    assert (store.data.dtype, store.scale.dtype, store.zero.dtype) == (torch.uint8, torch.float64, torch.float64)
+    wide = q.map(lambda t: t.double() if t.is_floating_point() else t)
+    store.write(2, wide)
+    assert torch.equal(dequantize(store.tokens(2, 7)), dequantize(wide))
+    size = KVQuantConfig(8, 4).bytes_per_vector(8, 2)
+    assert type(size) is int and size == 8 + 2 * 2 * 2
+
+
+def test_quant_config_refuses_non_integer_group_sizes():
+    for bad in (True, 2.5, "4", 0, -4):
+        with pytest.raises(ValueError, match="kv group_size must be a positive integer or None"):
+            KVQuantConfig(8, group_size=bad)
+    assert KVQuantConfig(4, group_size=1).group(8) == 1
+
+
+# ---------------------------------------------------------------------------------------- pattern files
+def test_one_dimensional_gates_are_one_kv_head_per_layer():
+    assert HeadPattern([0.2, 0.7, 0.1]).shape == (3, 1)
+    assert HeadPattern([0.3]).shape == (1, 1)
+    p = HeadPattern([[0.2, 0.7, 0.1]], sink=0, recent=1)  # the smallest window there is
+    assert p.shape == (1, 3) and (p.sink, p.recent) == (0, 1)
+
+
+def test_random_gates_depend_on_the_seed_only():
+    a, b = HeadPattern.random(3, 4, seed=1, sink=2, recent=5), HeadPattern.random(3, 4, seed=1)
+    assert a.shape == (3, 4) and (a.sink, a.recent) == (2, 5)
+    np.testing.assert_array_equal(a.gates, b.gates)
+    np.testing.assert_array_equal(a.gates, np.random.default_rng(1).random((3, 4)))
+    assert not np.array_equal(a.gates, HeadPattern.random(3, 4, seed=2).gates)
+
+
+def test_loading_reads_tabs_and_single_rows(tmp_path):
+    (tmp_path / "config.json").write_text('{"sink_size": 2, "recent_size": 8}')
+    (tmp_path / "full_attention_heads.tsv").write_text("0.25\t0.5\t1\n")
+    assert HeadPattern.load(tmp_path).gates.tolist() == [[0.25, 0.5, 1.0]]  # one layer of three heads
+    (tmp_path / "full_attention_heads.tsv").write_text("0.25 0.5\n0.1 0.2\n")
+    with pytest.raises(ValueError, match="is not a tab-separated table of numbers"):
+        HeadPattern.load(tmp_path)
+
+
+def test_load_errors_name_the_file_and_what_is_wrong(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"^pattern directory '{missing}' does not exist$"):
+        HeadPattern.load(missing)
+    with pytest.raises(FileNotFoundError, match=f"^pattern directory '{tmp_path}' has no full_attention_heads.tsv$"):
+        HeadPattern.load(tmp_path)
+    (tmp_path / "full_attention_heads.tsv").write_text("0.5\n")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'} must hold a JSON object, got list$"):
+        HeadPattern.load(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'} lacks sink_size, recent_size$"):
+        HeadPattern.load(tmp_path)
+
+
+def test_save_creates_parents_and_writes_the_same_bytes_for_the_same_pattern(tmp_path):
+    gates = np.array([[0.1, 0.9]])
+    first = HeadPattern(gates, metadata={"b": 1, "a": 2}).save(tmp_path / "x" / "y")
+    second = HeadPattern(gates, metadata={"a": 2, "b": 1}).save(tmp_path / "z")
+    for name in ("config.json", "full_attention_heads.tsv"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from duoattn import HeadPattern, duo_attention
+from duoattn.quant.kv import KVQuantConfig, dequantize, quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,3 +217,27 @@ def test_padded_batch_is_refused_clearly():
             model(ids, attention_mask=mask)
         with pytest.raises(ValueError, match="does not support padded batches"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+@PROPERTY
+@given(cases(), st.sampled_from([8, 4]), st.sampled_from([None, 4]))
+def test_quantised_cache_equals_the_oracle_with_the_codec(case, bits, group):
+    """``kv_bits`` 8 / 4: the oracle with the retrieval heads' keys and values passed through the codec (whose own
+    bound ``test_core_properties`` checks); streaming heads keep the model dtype."""
+    model, pattern = model_of(*case["shape"]), case["pattern"]
+    total = case["prompt"] + case["steps"]
+    ids = ids_of(1, total, case["seed"])
+    cfg = KVQuantConfig(bits, group)
+    expected = oracle.oracle_logits(model, expected_roles(case), pattern.sink, pattern.recent, ids,
+                                    codec=lambda x: dequantize(quantize(x, cfg)))
+    chunks = [case["chunk"]] * (case["prompt"] // case["chunk"]) + [1] * (case["prompt"] % case["chunk"] + case["steps"])
+    with duo_attention(model, pattern, sparsity=case["sparsity"], kv_bits=bits, kv_group_size=group) as handle:
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, **TOL)
+            cache = handle.new_cache()
+            torch.testing.assert_close(run_chunks(model, ids, cache, chunks), expected, **TOL)
+        roles = expected_roles(case)
+        n_ret = int(roles.sum())
+        quantised = HEAD_DIM * bits // 8 + 2 * (HEAD_DIM // (group or HEAD_DIM)) * 8  # codes, float64 scale + zero
+        streaming = (roles.size - n_ret) * min(total, pattern.sink + pattern.recent) * HEAD_DIM * 8
+        assert cache.kv_bytes() == 2 * (n_ret * total * quantised + streaming) == handle.expected_kv_bytes(total)
