@@ -179,6 +179,8 @@ def test_quantized_storage_views_and_copies():
     wide = q.map(lambda t: t.double() if t.is_floating_point() else t)
     store.write(2, wide)
     assert torch.equal(dequantize(store.tokens(2, 7)), dequantize(wide))
+    meta = QuantizedKV.empty((1,), 3, 8, cfg, torch.float64, torch.device("meta"))  # where it was asked to be
+    assert {t.device.type for t in (meta.data, meta.scale, meta.zero)} == {"meta"}
     size = KVQuantConfig(8, 4).bytes_per_vector(8, 2)
     assert type(size) is int and size == 8 + 2 * 2 * 2
 
