@@ -217,3 +217,12 @@ def test_cli_eval_ruler_success_path(tmp_path, model_dir, pattern_dir):
     assert len(cells) == 3 * 2
     assert {c["task"] for c in cells} == {"niah_single_1", "vt"}
     check_kv_bytes(cells, pattern_dir)
+
+
+def test_training_gives_gradients_to_the_gates_only(tmp_path):
+    model = tiny_llama(num_layers=2)
+    cfg = IdentifyConfig(out=str(tmp_path), steps=2, sink=2, recent=8, min_len=64, max_len=64, save_every=100)
+    with OptimizerLog() as log:
+        train_gates(model, random_samples(48, 8), cfg, cfg.settings(), tmp_path / "ckpt", progress=False)
+    assert [p.shape for p in log.params] == [(2, 2)] * 2  # the optimiser holds the gates, one step per sample
+    assert all(p.grad is None for p in model.parameters())
