@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean mutants
 
 install: $(STAMP)
 
@@ -25,5 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Mutation testing of the core modules (docs/testing.md), not part of `make test`. It takes long on 2 cores:
+# MUTANTS='duoattn.pattern.*' narrows it to the mutants of one module.
+MUTANT_JOBS ?= 1
+mutants: $(STAMP)
+	HYPOTHESIS_PROFILE=mutants $(VENV)/bin/mutmut run --max-children $(MUTANT_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

@@ -18,12 +18,16 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
 
 from duoattn.kernels.reference import reference_attention  # noqa: E402
 from duoattn.deploy import cache_kwarg  # noqa: E402
 from duoattn.quant.kv import dequantize, quantize  # noqa: E402
+
+# `make mutants` runs the property tests without shrinking: a failing example is all mutation testing needs.
+settings.register_profile("mutants", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, max_position_embeddings=4096)
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -1,0 +1,169 @@
+"""The GPU-only paths against the independent oracle (``tests/oracle.py``), through the public API: compiled
+FlexAttention prefill, the Triton split-KV decode, CUDA-graph decoding, and the fused int8 / int4 decode kernel of the
+quantised cache. CI cannot run them; run them on a GPU machine whenever a kernel or the fast path changes:
+
+    PYTHONPATH=$PWD python -m pytest -q -m gpu tests/test_gpu_paths.py
+
+and record the result and date in docs/benchmarks.md. The model is bfloat16 (the deployment dtype); the oracle
+computes attention in float64 and returns bfloat16, so errors are relative norms of bfloat16 size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import oracle
+import pytest
+import torch
+from conftest import run_chunks
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from duoattn import HeadPattern, duo_attention
+from duoattn.quant.kv import KVQuantConfig, dequantize, quantize
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SINK, RECENT = 64, 256
+VOCAB = 1000
+LAYERS, KV_HEADS, HEAD_DIM = 4, 4, 128
+# Retrieval heads are not first in their layers, and the layers differ in how many they have (0 to 4).
+GATES = np.array([[0.1, 0.9, 0.2, 0.8], [0.0, 0.1, 0.2, 0.3], [0.3, 0.2, 0.9, 0.4], [0.6, 0.7, 0.8, 0.9]])
+PATTERN = HeadPattern(GATES, sink=SINK, recent=RECENT)
+ROLES = oracle.binarize(GATES)  # threshold 0.5
+
+try:  # the fast engine, while it has an entry point of its own
+    from duoattn.engine import DecodeRunner, fast_duo_attention, prefill
+    from duoattn.kernels.dispatch import KernelChoice
+except ImportError:
+    fast_duo_attention = None
+needs_engine = pytest.mark.skipif(fast_duo_attention is None, reason="the fast engine is part of duo_attention")
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    assert torch.isfinite(got).all()
+    return float((got - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=2048, num_hidden_layers=LAYERS,
+                         num_attention_heads=8, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                         attn_implementation="sdpa", max_position_embeddings=8192)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def ids_of(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def expected_logits(model, ids: torch.Tensor, codec=None) -> torch.Tensor:
+    return torch.cat([oracle.oracle_logits(model, ROLES, SINK, RECENT, row[None], codec=codec) for row in ids])
+
+
+def test_roles_are_the_oracles(model):
+    assert ROLES.sum(1).tolist() == [2, 0, 1, 4]
+    with duo_attention(model, PATTERN) as handle:
+        np.testing.assert_array_equal(handle.roles, ROLES)
+
+
+def test_duo_attention_forward_chunked_prefill_and_decode_on_cuda(model):
+    ids = ids_of(1, 1500, seed=1)
+    expected = expected_logits(model, ids)
+    with duo_attention(model, PATTERN) as handle, torch.no_grad():
+        assert rel(model(ids).logits, expected) < 2e-2
+        cache = handle.new_cache()
+        got = run_chunks(model, ids[:, :1100], cache, [512, 512] + [1] * 76)
+        assert rel(got, expected[:, :1100]) < 2e-2
+        n_ret = int(ROLES.sum())
+        tokens = n_ret * 1100 + (ROLES.size - n_ret) * (SINK + RECENT)
+        assert cache.kv_bytes() == tokens * HEAD_DIM * 2 * 2  # bfloat16 K and V
+
+
+@needs_engine
+@pytest.mark.parametrize("streaming", ["flex", "blocks"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_engine_compiled_flex_triton_decode_and_cuda_graph(model, streaming, batch):
+    ids = ids_of(batch, 2200, seed=2)
+    expected = expected_logits(model, ids)
+    with fast_duo_attention(model, PATTERN) as engine:
+        cache = engine.new_cache(2304, batch_size=batch, kernels=KernelChoice(decode="triton",
+                                                                             streaming_prefill=streaming))
+        last = prefill(model, cache, ids[:, :2000], 768)
+        assert not cache.state.kernel_workspace.get("flex_failed")  # compiled FlexAttention really ran
+        assert rel(last, expected[:, 1999]) < 2e-2
+        runner = DecodeRunner(model, cache)
+        assert runner.graph is not None  # decode steps replay a CUDA graph
+        got = torch.stack([runner.step(ids[:, t]).clone() for t in range(2000, 2200)], dim=1)
+    assert rel(got, expected[:, 2000:2200]) < 2e-2
+
+
+@needs_engine
+def test_engine_eager_and_graph_decoding_agree(model):
+    ids = ids_of(1, 900, seed=3)
+    with fast_duo_attention(model, PATTERN) as engine:
+        outs = []
+        for graph in (False, True):
+            cache = engine.new_cache(1024)
+            prefill(model, cache, ids[:, :800], 400)
+            runner = DecodeRunner(model, cache, graph=graph)
+            outs.append(torch.stack([runner.step(ids[:, t]).clone() for t in range(800, 900)], dim=1))
+    assert rel(outs[1], outs[0]) < 1e-3
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 64)])
+def test_fused_quantised_decode_equals_the_oracle_with_the_codec(model, bits, group, monkeypatch):
+    """Single-token decode steps of a quantised cache on CUDA run the fused Triton kernel (checked by a spy)."""
+    from duoattn.kernels import tiled, triton_quant
+
+    calls = []
+    kernel = triton_quant.quantized_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(triton_quant, "quantized_decode_attention", spy)
+    clear = getattr(tiled._triton_decode, "cache_clear", lambda: None)  # the kernel lookup is cached
+    clear()
+    cfg = KVQuantConfig(bits, group)
+    ids = ids_of(1, 1300, seed=4)
+    expected = expected_logits(model, ids, codec=lambda x: dequantize(quantize(x, cfg)))
+    with duo_attention(model, PATTERN, kv_bits=bits, kv_group_size=group) as handle, torch.no_grad():
+        cache = handle.new_cache()
+        got = run_chunks(model, ids, cache, [1200] + [1] * 100)
+        assert cache.kv_bytes() == handle.expected_kv_bytes(1300)
+    clear()
+    assert calls, "the fused quantised decode kernel did not run"
+    assert rel(got, expected) < 2e-2
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 64)])
+def test_fused_quantised_decode_kernel_alone(bits, group):
+    """The kernel on its own: one query per head against a long quantised cache, vs dense float64 attention over
+    the dequantised keys and values."""
+    from duoattn.kernels.triton_quant import quantized_decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.randn(2, 8, 1, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)  # 4 queries per KV head
+    k, v = (torch.randn(2, 2, 5000, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in "kv")
+    cfg = KVQuantConfig(bits, group)
+    qk, qv = quantize(k, cfg), quantize(v, cfg)
+    scale = HEAD_DIM**-0.5
+    got = quantized_decode_attention(q, qk, qv, scale)
+    dk, dv = (dequantize(x).double().repeat_interleave(4, dim=1) for x in (qk, qv))
+    probs = torch.softmax(q.double() @ dk.transpose(-1, -2) * scale, dim=-1)
+    assert got.shape == q.shape and rel(got, probs @ dv) < 1e-2
+
+
+def test_generate_on_cuda_follows_the_oracle(model):
+    """Greedy generation, prefill in chunks: teacher-forced on the oracle's own tokens, the logits agree."""
+    ids = ids_of(1, 1000, seed=5)
+    want = oracle.oracle_generate(model, ROLES, SINK, RECENT, ids, max_new_tokens=32, min_new_tokens=32,
+                                  do_sample=False)
+    with duo_attention(model, PATTERN, prefill_chunk_size=256), torch.no_grad():
+        got = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        forced = model(want).logits
+    assert rel(forced, expected_logits(model, want)) < 2e-2
+    assert (got[:, 1000:] == want[:, 1000:]).float().mean() > 0.8  # bfloat16 near-ties may flip a few tokens
