@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 from hypothesis import Phase, settings  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 from duoattn.kernels.reference import reference_attention  # noqa: E402
 from duoattn.deploy import cache_kwarg  # noqa: E402

@@ -173,13 +173,13 @@ def test_quantized_storage_views_and_copies():
     assert part.num_tokens == 2 and torch.equal(dequantize(part), dequantize(q)[:, 1:3])
     joined = QuantizedKV.cat(q.tokens(0, 2), q.tokens(2, 5))
     assert torch.equal(dequantize(joined), dequantize(q))
-    store = QuantizedKV.empty((2,), 9, 8, cfg, torch.float64, torch.device("cpu"))
+    store = QuantizedKV.zeros((2,), 9, 8, cfg, torch.float64, torch.device("cpu"))
     assert (store.data.shape, store.scale.shape, store.zero.shape) == ((2, 9, 4), (2, 9, 2), (2, 9, 2))
     assert (store.data.dtype, store.scale.dtype, store.zero.dtype) == (torch.uint8, torch.float64, torch.float64)
     wide = q.map(lambda t: t.double() if t.is_floating_point() else t)
     store.write(2, wide)
     assert torch.equal(dequantize(store.tokens(2, 7)), dequantize(wide))
-    meta = QuantizedKV.empty((1,), 3, 8, cfg, torch.float64, torch.device("meta"))  # where it was asked to be
+    meta = QuantizedKV.zeros((1,), 3, 8, cfg, torch.float64, torch.device("meta"))  # where it was asked to be
     assert {t.device.type for t in (meta.data, meta.scale, meta.zero)} == {"meta"}
     size = KVQuantConfig(8, 4).bytes_per_vector(8, 2)
     assert type(size) is int and size == 8 + 2 * 2 * 2

@@ -115,35 +115,32 @@ def test_engine_eager_and_graph_decoding_agree(model):
 @pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 64)])
 def test_fused_quantised_decode_equals_the_oracle_with_the_codec(model, bits, group, monkeypatch):
     """Single-token decode steps of a quantised cache on CUDA run the fused Triton kernel (checked by a spy)."""
-    from duoattn.kernels import tiled, triton_quant
+    from duoattn.kernels import decode_triton
 
     calls = []
-    kernel = triton_quant.quantized_decode_attention
+    kernel = decode_triton.decode_attention_quant
 
     def spy(*args, **kwargs):
         calls.append(1)
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(triton_quant, "quantized_decode_attention", spy)
-    clear = getattr(tiled._triton_decode, "cache_clear", lambda: None)  # the kernel lookup is cached
-    clear()
+    monkeypatch.setattr(decode_triton, "decode_attention_quant", spy)
     cfg = KVQuantConfig(bits, group)
     ids = ids_of(1, 1300, seed=4)
     expected = expected_logits(model, ids, codec=lambda x: dequantize(quantize(x, cfg)))
     with duo_attention(model, PATTERN, kv_bits=bits, kv_group_size=group) as handle, torch.no_grad():
-        cache = handle.new_cache()
+        cache = handle.new_cache(1300)
         got = run_chunks(model, ids, cache, [1200] + [1] * 100)
         assert cache.kv_bytes() == handle.expected_kv_bytes(1300)
-    clear()
     assert calls, "the fused quantised decode kernel did not run"
     assert rel(got, expected) < 2e-2
 
 
 @pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 64)])
 def test_fused_quantised_decode_kernel_alone(bits, group):
-    """The kernel on its own: one query per head against a long quantised cache, vs dense float64 attention over
-    the dequantised keys and values."""
-    from duoattn.kernels.triton_quant import quantized_decode_attention
+    """The kernel on its own: one query per head against a long quantised cache (no streaming heads), vs dense
+    float64 attention over the dequantised keys and values."""
+    from duoattn.kernels.decode_triton import decode_attention_quant
 
     gen = torch.Generator(device="cuda").manual_seed(6)
     q = torch.randn(2, 8, 1, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)  # 4 queries per KV head
@@ -151,7 +148,13 @@ def test_fused_quantised_decode_kernel_alone(bits, group):
     cfg = KVQuantConfig(bits, group)
     qk, qv = quantize(k, cfg), quantize(v, cfg)
     scale = HEAD_DIM**-0.5
-    got = quantized_decode_attention(q, qk, qv, scale)
+    splits = 16
+    out = torch.empty(2, 1, 8, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    po = torch.empty(2, 8, splits, HEAD_DIM, device="cuda")
+    pl = torch.empty(2, 8, splits, device="cuda")
+    clock = torch.tensor(5000, device="cuda")
+    decode_attention_quant(q, qk, qv, None, None, clock, out, po, pl, scale, splits)
+    got = out.transpose(1, 2)
     dk, dv = (dequantize(x).double().repeat_interleave(4, dim=1) for x in (qk, qv))
     probs = torch.softmax(q.double() @ dk.transpose(-1, -2) * scale, dim=-1)
     assert got.shape == q.shape and rel(got, probs @ dv) < 1e-2
