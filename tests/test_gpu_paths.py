@@ -73,7 +73,7 @@ def test_duo_attention_forward_chunked_prefill_and_decode_on_cuda(model):
     expected = expected_logits(model, ids)
     with duo_attention(model, PATTERN) as handle, torch.no_grad():
         assert rel(model(ids).logits, expected) < 2e-2
-        cache = handle.new_cache()
+        cache = handle.new_cache(1100)
         got = run_chunks(model, ids[:, :1100], cache, [512, 512] + [1] * 76)
         assert rel(got, expected[:, :1100]) < 2e-2
         n_ret = int(ROLES.sum())

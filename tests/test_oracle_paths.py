@@ -3,7 +3,7 @@
 Property-based: hypothesis draws the geometry (layers, KV heads, query heads per KV head), the streaming window,
 the prompt, the chunk size, the decode steps and the gates / sparsity (hence the retrieval set). The deployment
 paths are the public API: ``duo_attention`` with ``model(ids)`` (with and without cache), chunked prefill and
-token-by-token decode into ``handle.new_cache()``, and ``model.generate`` (greedy and beam search); plus the fast
+token-by-token decode into ``handle.new_cache(max_len)``, and ``model.generate`` (greedy and beam search); plus the fast
 engine while it has its own entry point.
 """
 
@@ -99,7 +99,7 @@ def test_forward_chunked_prefill_and_decode_equal_the_oracle(case):
         np.testing.assert_array_equal(handle.roles, roles)
         torch.testing.assert_close(model(ids, use_cache=False).logits, expected, **TOL)
         torch.testing.assert_close(model(ids).logits, expected, **TOL)
-        cache = handle.new_cache()
+        cache = handle.new_cache(total)
         got = run_chunks(model, ids, cache, chunks + [1] * case["steps"])
         assert cache.get_seq_length() == total
         assert cache.kv_bytes() == expected_kv_bytes(roles, pattern.sink, pattern.recent, total)
@@ -157,7 +157,7 @@ def test_retrieval_heads_not_first_in_their_layer():
     expected = oracle.oracle_logits(model, roles, 2, 5, ids)
     with duo_attention(model, LAST_FIRST) as handle, torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, **TOL)
-        torch.testing.assert_close(run_chunks(model, ids, handle.new_cache(), [7, 20] + [1] * 13), expected, **TOL)
+        torch.testing.assert_close(run_chunks(model, ids, handle.new_cache(ids.shape[1]), [7, 20] + [1] * 13), expected, **TOL)
     if fast_duo_attention is not None:
         with fast_duo_attention(model, LAST_FIRST) as engine, torch.no_grad():
             torch.testing.assert_close(model(ids).logits, expected, **TOL)
@@ -195,7 +195,7 @@ def test_batch_without_padding_equals_the_oracle_per_row():
     want = [oracle.oracle_generate(model, roles, 2, 5, row[None], **kwargs) for row in ids]
     with duo_attention(model, pattern) as handle, torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, **TOL)
-        torch.testing.assert_close(run_chunks(model, ids, handle.new_cache(), [9, 9, 1, 1, 5]), expected, **TOL)
+        torch.testing.assert_close(run_chunks(model, ids, handle.new_cache(ids.shape[1]), [9, 9, 1, 1, 5]), expected, **TOL)
         got = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     assert torch.equal(got.sequences, torch.cat([w.sequences for w in want]))
     if fast_duo_attention is not None:
@@ -234,7 +234,7 @@ def test_quantised_cache_equals_the_oracle_with_the_codec(case, bits, group):
     with duo_attention(model, pattern, sparsity=case["sparsity"], kv_bits=bits, kv_group_size=group) as handle:
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, expected, **TOL)
-            cache = handle.new_cache()
+            cache = handle.new_cache(total)
             torch.testing.assert_close(run_chunks(model, ids, cache, chunks), expected, **TOL)
         roles = expected_roles(case)
         n_ret = int(roles.sum())
