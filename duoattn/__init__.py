@@ -8,12 +8,16 @@ tokens. The split is real: streaming-head memory is never allocated.
     >>> pattern = HeadPattern.load("patterns/SmolLM2-135M-Instruct")
     >>> with duo_attention(model, pattern, sparsity=0.5):     # half the KV heads become streaming
     ...     out = model.generate(**tokenizer("...", return_tensors="pt"), max_new_tokens=32)
+
+``duo_attention(..., prefill="window:64")`` lets the prompt's last 64 queries attend fully on every head
+(``"full"``: every prompt query); decoding and the memory kept afterwards do not change (:mod:`duoattn.prefill`).
 """
 
 from .cache import DuoCache, DuoLayer
 from .models import load_model
 from .deploy import DuoAttentionHandle, disable_duo_attention, duo_attention, enable_duo_attention
 from .pattern import HeadPattern
+from .prefill import PrefillMode
 
 __version__ = "0.1.0"
 
@@ -22,6 +26,7 @@ __all__ = [
     "DuoCache",
     "DuoLayer",
     "HeadPattern",
+    "PrefillMode",
     "disable_duo_attention",
     "duo_attention",
     "enable_duo_attention",
