@@ -103,7 +103,8 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             seconds, kv_bytes = prefill_once(model, ids, args.chunk)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        row = {"prefill": mode, "seconds": round(seconds, 3), "seconds_cold": None if cold is None else round(cold, 3), "peak_bytes": peak,
+        row = {"prefill": mode, "seconds": round(seconds, 3), "seconds_cold": None if cold is None else round(cold, 3),
+               "peak_bytes": peak,
                "peak_gib": None if peak is None else round(peak / 2**30, 2),
                "peak_above_weights_gib": None if peak is None else round((peak - weights) / 2**30, 2),
                "kv_bytes_after": kv_bytes}

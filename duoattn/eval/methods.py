@@ -102,7 +102,8 @@ class Method:
         if pattern is None:
             yield None
             return
-        with duo_attention(model, pattern, sparsity=self.sparsity, kv_bits=self.kv_bits, prefill=self.prefill) as handle:
+        with duo_attention(model, pattern, sparsity=self.sparsity, kv_bits=self.kv_bits,
+                           prefill=self.prefill) as handle:
             yield handle
 
 
