@@ -8,7 +8,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+# Tests never reach a hub: a test that names a Hub model id resolves it from a local cache or a server it starts
+# itself, or refuses it before loading. Set before huggingface_hub / transformers read their settings.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton kernels (optional dependency) then run in Triton's interpreter. The flag must be set before anything
