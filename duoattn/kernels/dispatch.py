@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..quant.kv import QuantizedKV, dequantize, quantize
+from ..layout import ring_slot
+from ..quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
 from .attention import causal_attention, dense_attention, streaming_attention
 
 try:  # optional: the Triton kernels need the triton package (CUDA machines have it with PyTorch)
@@ -178,8 +178,6 @@ def append_token(
     if kernels.decode == "triton" and decode_triton.quant_append_supported(k.shape[-1], full_k.group_size):
         decode_triton.append_token_quant(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
         return
-    from ..layout import ring_slot
-
     pos = (clock - 1).view(1)
     n_ret = 0
     if full_k is not None:
@@ -197,9 +195,7 @@ def append_token(
         ring_v.index_copy_(2, slot, v[:, n_ret:])
 
 
-def _config_of(stored: QuantizedKV):
-    from ..quant.kv import KVQuantConfig
-
+def _config_of(stored: QuantizedKV) -> KVQuantConfig:
     return KVQuantConfig(bits=stored.bits, group_size=stored.group_size)
 
 
@@ -347,5 +343,5 @@ def uncached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ret:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-__all__ = ["F", "KernelChoice", "Workspace", "append_token", "decode_attention", "graph_safe", "prefill_retrieval",
+__all__ = ["KernelChoice", "Workspace", "append_token", "decode_attention", "graph_safe", "prefill_retrieval",
            "prefill_streaming", "split_streaming_prefill", "uncached_attention"]
