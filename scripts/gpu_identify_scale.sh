@@ -10,6 +10,7 @@
 #    fits, and the time of a 2000-step paper-preset run (1K-32K samples) interpolated from the measured steps.
 #
 # Run from the repository root on the GPU machine: bash scripts/gpu_identify_scale.sh   (under 4 minutes)
+# Settings: LENGTHS (comma-separated sample lengths), STEPS (timed steps per length), TIME_S (wall-time cap).
 # Results: ${OUT:-runs}/identify-scale/{results.json,table.md,identify.png,config.json,flex_vs_blocks.json}; the
 # table and the paper-preset estimate are printed at the end. results.json is rewritten after every length, so a
 # run cut short keeps what it measured.
@@ -21,7 +22,7 @@ export PYTHONPATH="${PYTHONPATH:-.}"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
 
-timeout 230 "$PYTHON" - <<'PY'
+timeout "${TIME_S:-230}" "$PYTHON" - <<'PY'
 import json, os, tempfile, time
 from pathlib import Path
 
@@ -63,9 +64,9 @@ print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "gates"} if isins
                   for k, v in check.items()}), flush=True)
 
 # 2. the scale table, in the time left (the flex check above compiled the kernel for this model already)
-budget = 215 - (time.perf_counter() - tic)
-bench = IdentifyBenchConfig(out=str(out), shape="llama-3-8b", lengths=[4096, 8192, 16384, 32768, 65536, 131072, 262144],
-                            steps=2, warmup=1, loss_tokens=640, sink=128, recent=256, device="cuda",
+budget = int(os.environ.get("TIME_S", 230)) - 15 - (time.perf_counter() - tic)
+bench = IdentifyBenchConfig(out=str(out), shape="llama-3-8b", lengths=[int(n) for n in os.environ.get("LENGTHS", "4096,8192,16384,32768,65536,131072,262144").split(",")],
+                            steps=int(os.environ.get("STEPS", 2)), warmup=1, loss_tokens=640, sink=128, recent=256, device="cuda",
                             time_budget_s=budget)
 report = run_identify_bench(bench, progress=False, model=model)
 print(table(report["rows"]))

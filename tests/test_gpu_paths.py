@@ -18,6 +18,7 @@ from conftest import run_chunks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from duoattn import HeadPattern, duo_attention
+from duoattn.kernels.dispatch import KernelChoice
 from duoattn.quant.kv import KVQuantConfig, dequantize, quantize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -29,14 +30,6 @@ LAYERS, KV_HEADS, HEAD_DIM = 4, 4, 128
 GATES = np.array([[0.1, 0.9, 0.2, 0.8], [0.0, 0.1, 0.2, 0.3], [0.3, 0.2, 0.9, 0.4], [0.6, 0.7, 0.8, 0.9]])
 PATTERN = HeadPattern(GATES, sink=SINK, recent=RECENT)
 ROLES = oracle.binarize(GATES)  # threshold 0.5
-
-try:  # the fast engine, while it has an entry point of its own
-    from duoattn.engine import DecodeRunner, fast_duo_attention, prefill
-    from duoattn.kernels.dispatch import KernelChoice
-except ImportError:
-    fast_duo_attention = None
-needs_engine = pytest.mark.skipif(fast_duo_attention is None, reason="the fast engine is part of duo_attention")
-
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.double(), ref.double()
@@ -81,35 +74,33 @@ def test_duo_attention_forward_chunked_prefill_and_decode_on_cuda(model):
         assert cache.kv_bytes() == tokens * HEAD_DIM * 2 * 2  # bfloat16 K and V
 
 
-@needs_engine
 @pytest.mark.parametrize("streaming", ["flex", "blocks"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_engine_compiled_flex_triton_decode_and_cuda_graph(model, streaming, batch):
-    ids = ids_of(batch, 2200, seed=2)
-    expected = expected_logits(model, ids)
-    with fast_duo_attention(model, PATTERN) as engine:
-        cache = engine.new_cache(2304, batch_size=batch, kernels=KernelChoice(decode="triton",
-                                                                             streaming_prefill=streaming))
-        last = prefill(model, cache, ids[:, :2000], 768)
-        assert not cache.state.kernel_workspace.get("flex_failed")  # compiled FlexAttention really ran
-        assert rel(last, expected[:, 1999]) < 2e-2
-        runner = DecodeRunner(model, cache)
-        assert runner.graph is not None  # decode steps replay a CUDA graph
-        got = torch.stack([runner.step(ids[:, t]).clone() for t in range(2000, 2200)], dim=1)
-    assert rel(got, expected[:, 2000:2200]) < 2e-2
+def test_generate_compiled_flex_triton_decode_and_cuda_graph(model, streaming, batch):
+    """generate on the one path: chunked prefill (compiled FlexAttention or SDPA blocks), Triton decode replayed
+    from a CUDA graph; its scores against the oracle teacher-forced on the tokens generate chose."""
+    ids = ids_of(batch, 2000, seed=2)
+    kernels = KernelChoice(decode="triton", streaming_prefill=streaming)
+    with duo_attention(model, PATTERN, kernels=kernels, prefill_chunk_size=768) as handle, torch.no_grad():
+        out = model.generate(ids, max_new_tokens=200, do_sample=False, output_logits=True, eos_token_id=None,
+                             return_dict_in_generate=True, attention_mask=torch.ones_like(ids), pad_token_id=0)
+        cache = out.past_key_values
+        assert cache in handle.graphs.steps, handle.graphs.failed  # decode steps replayed a CUDA graph
+        assert not cache.state.workspace.kernel.get("flex_failed")  # compiled FlexAttention really ran
+        assert cache.describe()["decode_kernel"] == "triton"
+    expected = expected_logits(model, out.sequences)
+    assert rel(torch.stack(out.logits, dim=1), expected[:, 1999:2199]) < 2e-2
 
 
-@needs_engine
-def test_engine_eager_and_graph_decoding_agree(model):
-    ids = ids_of(1, 900, seed=3)
-    with fast_duo_attention(model, PATTERN) as engine:
-        outs = []
-        for graph in (False, True):
-            cache = engine.new_cache(1024)
-            prefill(model, cache, ids[:, :800], 400)
-            runner = DecodeRunner(model, cache, graph=graph)
-            outs.append(torch.stack([runner.step(ids[:, t]).clone() for t in range(800, 900)], dim=1))
-    assert rel(outs[1], outs[0]) < 1e-3
+def test_eager_and_graph_decoding_agree(model):
+    ids = ids_of(1, 800, seed=3)
+    scores = []
+    for graphs in (False, True):
+        with duo_attention(model, PATTERN, cuda_graphs=graphs, prefill_chunk_size=400), torch.no_grad():
+            out = model.generate(ids, max_new_tokens=100, do_sample=False, output_logits=True, eos_token_id=None,
+                                 return_dict_in_generate=True, attention_mask=torch.ones_like(ids), pad_token_id=0)
+        scores.append(torch.stack(out.logits, dim=1))
+    assert rel(scores[1], scores[0]) < 1e-3
 
 
 @pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 64)])
