@@ -186,6 +186,8 @@ def _path(ratio: float) -> str:
 def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
     """Measure every setting; write the outputs if ``config.out``; return the report."""
     device = torch.device(config.device or default_device())
+    if config.budget_gib is None and device.type != "cuda":
+        raise ValueError("budget_gib is needed off CUDA (the free memory of a CPU is not a KV budget)")
     model = build_random_model(config.shape, device, getattr(torch, config.dtype), seed=config.seed)
     cfg = model.config
     pattern = HeadPattern.random(cfg.num_hidden_layers, cfg.num_key_value_heads, seed=config.seed,
