@@ -46,10 +46,9 @@ def _cached(query: torch.Tensor, states: DuoStates, roles: LayerRoles, scale: fl
     layer, plan = states.layer, states.plan
     s = layer.state
     if plan is None:
-        return dispatch.decode_attention(
-            s.kernels, query, layer.full_k, layer.full_v, layer.ring_k, layer.ring_v, s.clock, s.length,
-            s.workspace, scale, layer.splits, softcap,
-        )
+        # A DuoLayer (one cache) or a BatchLayer (several caches, one length each): the same rows interface.
+        return dispatch.decode_rows(s.kernels, query, layer.rows, s.lengths, s.member_lengths, s.workspace, scale,
+                                    layer.splits, softcap)
     hr = roles.q_retrieval
     parts = []
     if layer.n_ret:

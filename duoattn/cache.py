@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .checks import check_int
 from .kernels import dispatch
+from .kernels.rows import DecodeRows, Member
 from .layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes
 from .prefill import PrefillMode, PromptHistory
 from .quant.kv import KVQuantConfig, QuantizedKV, quantize
@@ -113,6 +114,15 @@ class CacheState:
     def allocated(self) -> bool:
         return self.clock is not None
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """The device length the decode kernels read: the clock, shared by every batch row."""
+        return self.clock
+
+    def member_lengths(self) -> list[int]:
+        """Host-side length of each member of the decode rows: this cache alone."""
+        return [self.length]
+
     def declare_prompt(self, length: int) -> None:
         """The next ``length`` tokens are a prompt: its last queries attend fully per the prefill mode."""
         if not self.prefill.streams and self.length:
@@ -146,6 +156,7 @@ class DuoLayer(CacheLayerMixin):
         self.ring_k: torch.Tensor | None = None
         self.ring_v: torch.Tensor | None = None
         self.history: PromptHistory | None = None  # streaming heads' prompt keys, while dense queries need them
+        self.rows: DecodeRows | None = None  # what a decode step reads and writes (built with the storage)
         self.splits = 1
 
     # -------------------------------------------------------------------------------------------- allocation
@@ -180,6 +191,8 @@ class DuoLayer(CacheLayerMixin):
             ring = min(s.capacity, s.max_len)
             self.ring_k = torch.zeros(bsz, self.n_str, ring, d, **kw)
             self.ring_v = torch.zeros(bsz, self.n_str, ring, d, **kw)
+        self.rows = DecodeRows.of(self.full_k, self.full_v, self.ring_k, self.ring_v,
+                                  tables=s.kernels.decode == "triton")
         self.splits = dispatch.decode_splits(s.kernels, bsz, self.n_ret, s.max_len)
         s.workspace.reserve_decode(bsz, self.n_ret * self.roles.num_groups, self.splits,
                                    self.roles.num_kv_heads * self.roles.num_groups, d, s.dtype, s.device)
@@ -198,8 +211,7 @@ class DuoLayer(CacheLayerMixin):
         if self.layer_idx == s.first_layer:
             self._advance(c)
         if c == 1 and s.plan is None:
-            dispatch.append_token(s.kernels, key_states, value_states, self.full_k, self.full_v, self.ring_k,
-                                  self.ring_v, s.clock, s.sink, s.recent)
+            dispatch.append_rows(s.kernels, key_states, value_states, self.rows, s.clock, s.sink, s.recent)
             states = DuoStates(self, None)
         else:
             if s.plan is None or s.plan.size != c:
@@ -299,6 +311,12 @@ class DuoLayer(CacheLayerMixin):
     def full_or_ring_dim(self) -> int:
         t = self.ring_k if self.ring_k is not None else self.full_k
         return t.shape[-1] if isinstance(t, torch.Tensor) else t.head_dim
+
+    def member(self) -> Member:
+        """This layer's storage, as a member of a batch view's decode rows."""
+        if not self.is_initialized:
+            raise RuntimeError(f"layer {self.layer_idx} is not allocated yet")
+        return Member(self.full_k, self.full_v, self.ring_k, self.ring_v)
 
     # ------------------------------------------------------------------------------------ cache protocol
     def get_seq_length(self) -> torch.Tensor | int:

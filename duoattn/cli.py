@@ -555,6 +555,45 @@ def run_load(args: argparse.Namespace) -> None:
                                         seed=args.seed, out=args.out))))
 
 
+# ---------------------------------------------------------------------------------------------- bench-serve
+def add_bench_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-serve", help="concurrent sessions that fit, batched decode throughput and latency")
+    p.add_argument("--shape", default="llama-3-8b", help="random-weight model shape (default llama-3-8b)")
+    p.add_argument("--contexts", type=_ints, default=[32768, 131072], help="tokens per session (default 32768,131072)")
+    p.add_argument("--ratios", type=_floats, default=[1.0, 0.5, 0.25],
+                   help="fractions of retrieval KV heads; 1 = full attention on the same path (default 1,0.5,0.25)")
+    p.add_argument("--kv-bits", type=_ints, default=[16, 4], help="retrieval-cache bits (default 16,4)")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--steps", type=int, default=16, help="timed batched decode steps per setting (default 16)")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="KV budget (default: free GPU memory after loading minus --reserve-gib; needed on the CPU)")
+    p.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory left for activations (default 6)")
+    p.add_argument("--max-sessions", type=int, default=1024, help="stop allocating at this many (default 1024)")
+    p.add_argument("--latency-batch", type=int, default=16)
+    p.add_argument("--latency-context", type=int, default=32768)
+    p.add_argument("--decode-kernel", default="auto", help="auto, triton or torch")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-serve", help="output directory (default runs/bench-serve)")
+
+
+def run_bench_serve(args: argparse.Namespace) -> None:
+    from .bench.serve import ServeBenchConfig, markdown, run_serve_bench
+    from .checks import check_output_dir
+
+    check_output_dir("--out", args.out)
+    if args.device is not None:
+        args.device = check_device("--device", args.device)
+    config = ServeBenchConfig(
+        shape=args.shape, contexts=args.contexts, ratios=args.ratios, kv_bits=args.kv_bits, sink=args.sink,
+        recent=args.recent, steps=args.steps, budget_gib=args.budget_gib, reserve_gib=args.reserve_gib,
+        max_sessions=args.max_sessions, latency_batch=args.latency_batch, latency_context=args.latency_context,
+        decode_kernel=args.decode_kernel, dtype=args.dtype, device=args.device, seed=args.seed, out=args.out)
+    print(markdown(run_serve_bench(config)))
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], None]]] = {
     "demo": (add_demo, run_demo),
     "generate": (add_generate, run_generate),
@@ -562,6 +601,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "eval": (add_eval, run_eval),
     "bench": (add_bench, run_bench),
     "bench-identify": (add_bench_identify, run_bench_identify),
+    "bench-serve": (add_bench_serve, run_bench_serve),
     "serve": (add_serve, run_serve),
     "load": (add_load, run_load),
 }

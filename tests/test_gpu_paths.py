@@ -109,13 +109,13 @@ def test_fused_quantised_decode_equals_the_oracle_with_the_codec(model, bits, gr
     from duoattn.kernels import decode_triton
 
     calls = []
-    kernel = decode_triton.decode_attention_quant
+    kernel = decode_triton.decode_rows
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return kernel(*args, **kwargs)
+    def spy(q, rows, *args, **kwargs):
+        calls.append(rows.quantized)
+        return kernel(q, rows, *args, **kwargs)
 
-    monkeypatch.setattr(decode_triton, "decode_attention_quant", spy)
+    monkeypatch.setattr(decode_triton, "decode_rows", spy)
     cfg = KVQuantConfig(bits, group)
     ids = ids_of(1, 1300, seed=4)
     expected = expected_logits(model, ids, codec=lambda x: dequantize(quantize(x, cfg)))
@@ -123,7 +123,7 @@ def test_fused_quantised_decode_equals_the_oracle_with_the_codec(model, bits, gr
         cache = handle.new_cache(1300)
         got = run_chunks(model, ids, cache, [1200] + [1] * 100)
         assert cache.kv_bytes() == handle.expected_kv_bytes(1300)
-    assert calls, "the fused quantised decode kernel did not run"
+    assert calls and all(calls), "the fused quantised decode kernel did not run"
     assert rel(got, expected) < 2e-2
 
 

@@ -15,8 +15,14 @@ The quantised variant reads packed codes plus their scales and zero points and d
 (float32): memory traffic is the packed bytes. Channels are handled as even / odd halves, the int4 layout (channel
 ``2i`` in a byte's low nibble, ``2i + 1`` in its high nibble); int8 reads the same halves with two strided loads.
 
-The number of cached tokens is read from a device tensor (``clock``), never from the host: a CUDA graph captured
-once stays valid while the sequence grows. The grid is fixed; each split covers ``ceil(length / splits)`` tokens.
+Every kernel addresses storage through the offset table of :class:`~duoattn.kernels.rows.DecodeRows` (row ``b``,
+KV head ``h`` starts at ``base + offsets[kind, b, h]``), so the rows may come from one cache or from several
+caches of different sizes (a batch view, :mod:`duoattn.batch`); one cache of batch ``B`` is the special case
+``offset = b * stride(0) + h * stride(1)``.
+
+The number of cached tokens of row ``b`` is read from a device tensor (``lengths[b]``, or one ``clock`` for every
+row), never from the host: a CUDA graph captured once stays valid while the sequences grow. The grid is fixed;
+each split of row ``b`` covers ``ceil(lengths[b] / splits)`` tokens.
 """
 
 from __future__ import annotations
@@ -28,36 +34,41 @@ import triton
 import triton.language as tl
 
 from ..quant.kv import QuantizedKV
+from .rows import DecodeRows, length_stride
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _offset(OFF, idx, ALIGNED: tl.constexpr):
+    """A row's element offset from the table; ALIGNED: every key / value offset is a multiple of 16."""
+    off = tl.load(OFF + idx)
+    if ALIGNED:
+        off = tl.multiple_of(off, 16)
+    return off
+
+
+@triton.jit
 def _append_kernel(
-    K_NEW, V_NEW, FK, FV, RK, RV, CLOCK,
+    K_NEW, V_NEW, BASE, OFF, LEN,
     s_kb, s_kh, s_vb, s_vh,
-    s_fb, s_fh, s_ft,
-    s_rb, s_rh, s_rt,
+    s_ok, s_ob, s_len, s_t,
     n_ret, sink, recent,
-    D: tl.constexpr,
+    D: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    pos = tl.load(CLOCK).to(tl.int64) - 1
+    pos = tl.load(LEN + b * s_len).to(tl.int64) - 1
     d = tl.arange(0, D)
     k = tl.load(K_NEW + b * s_kb + h * s_kh + d)
     v = tl.load(V_NEW + b * s_vb + h * s_vh + d)
-    if h < n_ret:
-        off = b * s_fb + h * s_fh + pos * s_ft + d
-        tl.store(FK + off, k)
-        tl.store(FV + off, v)
-    else:
-        # duoattn.layout.ring_slot: slot p for p < sink, then a ring over the recent slots.
-        slot = tl.where(pos < sink, pos, sink + (pos - sink) % recent)
-        off = b * s_rb + (h - n_ret) * s_rh + slot * s_rt + d
-        tl.store(RK + off, k)
-        tl.store(RV + off, v)
+    # Retrieval heads store at the position; streaming heads at duoattn.layout.ring_slot.
+    slot = tl.where((h < n_ret) | (pos < sink), pos, sink + (pos - sink) % recent)
+    k_off = _offset(OFF, b * s_ob + h, ALIGNED)
+    v_off = _offset(OFF + s_ok, b * s_ob + h, ALIGNED)
+    tl.store(BASE + k_off + slot * s_t + d, k)
+    tl.store(BASE + v_off + slot * s_t + d, v)
 
 
 @triton.jit
@@ -95,20 +106,19 @@ def _attend_range(acc, m, l, q, K, V, s_t, lo, hi, qk_scale, BLOCK: tl.constexpr
 
 @triton.jit
 def _decode_kernel(
-    Q, FK, FV, RK, RV, CLOCK, OUT, PO, PL,
+    Q, BASE, OFF, LEN, OUT, PO, PL,
     s_qb, s_qh,
-    s_fb, s_fh, s_ft,
-    s_rb, s_rh, s_rt,
-    s_ob, s_oh,
+    s_ok, s_ob, s_len, s_t,
+    s_outb, s_outh,
     s_pb, s_ph, s_ps,
     s_lb, s_lh,
     n_ret, cap, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    length = tl.load(CLOCK).to(tl.int64)
+    length = tl.load(LEN + b * s_len).to(tl.int64)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     g_ok = g < G  # query rows beyond the group are padding for tl.dot (at least 16 rows)
@@ -123,9 +133,10 @@ def _decode_kernel(
         per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
         lo = s * per
         hi = tl.minimum(lo + per, length)
+        k_off = _offset(OFF, b * s_ob + h, ALIGNED)
+        v_off = _offset(OFF + s_ok, b * s_ob + h, ALIGNED)
         acc, m, l = _attend_range(
-            acc, m, l, q, FK + b * s_fb + h * s_fh, FV + b * s_fb + h * s_fh, s_ft, lo, hi, qk_scale,
-            BLOCK, D, PRECISION, INTERPRETED,
+            acc, m, l, q, BASE + k_off, BASE + v_off, s_t, lo, hi, qk_scale, BLOCK, D, PRECISION, INTERPRETED,
         )
         has = l > 0  # an empty split contributes nothing to the merge
         l_safe = tl.where(has, l, 1.0)
@@ -134,17 +145,19 @@ def _decode_kernel(
         tl.store(PO + b * s_pb + heads[:, None] * s_ph + s * s_ps + d[None, :], o, mask=g_ok[:, None])
         tl.store(PL + b * s_lb + heads * s_lh + s, lse, mask=g_ok)
     else:
-        h = pid - n_ret * SPLITS
-        heads = (n_ret + h) * G + g
+        kv = n_ret + pid - n_ret * SPLITS
+        heads = kv * G + g
         q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
         # While the sequence is shorter than the ring, slot = position: the first `length` slots are filled.
         n = tl.minimum(length, cap)
+        k_off = _offset(OFF, b * s_ob + kv, ALIGNED)
+        v_off = _offset(OFF + s_ok, b * s_ob + kv, ALIGNED)
         acc, m, l = _attend_range(
-            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale,
-            BLOCK, D, PRECISION, INTERPRETED,
+            acc, m, l, q, BASE + k_off, BASE + v_off, s_t, 0, n, qk_scale, BLOCK, D, PRECISION, INTERPRETED,
         )
         o = acc / l[:, None]
-        tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+        tl.store(OUT + b * s_outb + heads[:, None] * s_outh + d[None, :], o.to(OUT.dtype.element_ty),
+                 mask=g_ok[:, None])
 
 
 @triton.jit
@@ -277,26 +290,27 @@ def _attend_range_quant(acc_e, acc_o, m, l, q_e, q_o, KD, KS, KZ, VD, VS, VZ, s_
 
 @triton.jit
 def _append_quant_kernel(
-    K_NEW, V_NEW, KD, KS, KZ, VD, VS, VZ, RK, RV, CLOCK,
+    K_NEW, V_NEW, CODES, BASE, OFF, LEN,
     s_kb, s_kh, s_vb, s_vh,
-    s_qb, s_qh, s_qt, s_sb, s_sh, s_st,
-    s_rb, s_rh, s_rt,
+    s_ok, s_ob, s_len, s_ct, s_st, s_t,
     n_ret, sink, recent,
     HALF_D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, ROUND_UP_16: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """One token: retrieval heads quantised (duoattn.quant.kv.quantize, one launch for keys and values), streaming
     heads into the ring. Group minima / maxima come from the even / odd channel halves."""
     h = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    pos = tl.load(CLOCK).to(tl.int64) - 1
+    pos = tl.load(LEN + b * s_len).to(tl.int64) - 1
     i = tl.arange(0, HALF_D)
     NG: tl.constexpr = 2 * HALF_D // GROUP
+    row_h = b * s_ob + h
     if h < n_ret:
         for which in tl.static_range(2):
             src = K_NEW + b * s_kb + h * s_kh if which == 0 else V_NEW + b * s_vb + h * s_vh
-            data = KD if which == 0 else VD
-            scale_p = KS if which == 0 else VS
-            zero_p = KZ if which == 0 else VZ
+            data = CODES + _offset(OFF + which * s_ok, row_h, ALIGNED)
+            scale_p = BASE + tl.load(OFF + (2 + 2 * which) * s_ok + row_h)
+            zero_p = BASE + tl.load(OFF + (3 + 2 * which) * s_ok + row_h)
             x_e = tl.load(src + 2 * i)
             x_o = tl.load(src + 2 * i + 1)
             ge = tl.reshape(x_e.to(tl.float32), [NG, GROUP // 2])
@@ -316,43 +330,41 @@ def _append_quant_kernel(
             co = tl.reshape(tl.floor((go - lo[:, None]) / div[:, None] + 0.5), [HALF_D])
             ce = tl.minimum(tl.maximum(ce, 0.0), 2**BITS - 1).to(tl.uint8)
             co = tl.minimum(tl.maximum(co, 0.0), 2**BITS - 1).to(tl.uint8)
-            row = data + b * s_qb + h * s_qh + pos * s_qt
+            row = data + pos * s_ct
             if BITS == 4:
                 tl.store(row + i, ce | (co << 4))
             else:
                 tl.store(row + 2 * i, ce)
                 tl.store(row + 2 * i + 1, co)
             g = tl.arange(0, NG)
-            srow = b * s_sb + h * s_sh + pos * s_st
-            tl.store(scale_p + srow + g, stored)
-            tl.store(zero_p + srow + g, z)
+            tl.store(scale_p + pos * s_st + g, stored)
+            tl.store(zero_p + pos * s_st + g, z)
     else:
         # duoattn.layout.ring_slot
         slot = tl.where(pos < sink, pos, sink + (pos - sink) % recent)
-        off = b * s_rb + (h - n_ret) * s_rh + slot * s_rt
         d = tl.arange(0, 2 * HALF_D)
-        tl.store(RK + off + d, tl.load(K_NEW + b * s_kb + h * s_kh + d))
-        tl.store(RV + off + d, tl.load(V_NEW + b * s_vb + h * s_vh + d))
+        k_off = _offset(OFF, row_h, ALIGNED)
+        v_off = _offset(OFF + s_ok, row_h, ALIGNED)
+        tl.store(BASE + k_off + slot * s_t + d, tl.load(K_NEW + b * s_kb + h * s_kh + d))
+        tl.store(BASE + v_off + slot * s_t + d, tl.load(V_NEW + b * s_vb + h * s_vh + d))
 
 
 @triton.jit
 def _decode_quant_kernel(
-    Q, KD, KS, KZ, VD, VS, VZ, RK, RV, CLOCK, OUT, PO, PL,
+    Q, CODES, BASE, OFF, LEN, OUT, PO, PL,
     s_qb, s_qh,
-    s_kb, s_kh, s_kt, s_ksb, s_ksh, s_kst,
-    s_vb, s_vh, s_vt, s_vsb, s_vsh, s_vst,
-    s_rb, s_rh, s_rt,
-    s_ob, s_oh,
+    s_ok, s_ob, s_len, s_ct, s_st, s_t,
+    s_outb, s_outh,
     s_pb, s_ph, s_ps,
     s_lb, s_lh,
     n_ret, cap, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr,
     BITS: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    length = tl.load(CLOCK).to(tl.int64)
+    length = tl.load(LEN + b * s_len).to(tl.int64)
     g = tl.arange(0, GP)
     g_ok = g < G
     if pid < n_ret * SPLITS:
@@ -370,11 +382,14 @@ def _decode_quant_kernel(
         per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
         lo = s * per
         hi = tl.minimum(lo + per, length)
+        row_h = b * s_ob + h
         acc_e, acc_o, m, l = _attend_range_quant(
             acc_e, acc_o, m, l, q_e, q_o,
-            KD + b * s_kb + h * s_kh, KS + b * s_ksb + h * s_ksh, KZ + b * s_ksb + h * s_ksh,
-            VD + b * s_vb + h * s_vh, VS + b * s_vsb + h * s_vsh, VZ + b * s_vsb + h * s_vsh,
-            s_kt, s_kst, s_vt, s_vst, lo, hi, qk_scale, BLOCK, HALF_D, GROUP, BITS, PRECISION, INTERPRETED,
+            CODES + _offset(OFF, row_h, ALIGNED), BASE + tl.load(OFF + 2 * s_ok + row_h),
+            BASE + tl.load(OFF + 3 * s_ok + row_h),
+            CODES + _offset(OFF + s_ok, row_h, ALIGNED), BASE + tl.load(OFF + 4 * s_ok + row_h),
+            BASE + tl.load(OFF + 5 * s_ok + row_h),
+            s_ct, s_st, s_ct, s_st, lo, hi, qk_scale, BLOCK, HALF_D, GROUP, BITS, PRECISION, INTERPRETED,
         )
         has = l > 0
         l_safe = tl.where(has, l, 1.0)
@@ -384,25 +399,52 @@ def _decode_quant_kernel(
         tl.store(rows + 2 * i[None, :] + 1, acc_o / l_safe[:, None], mask=g_ok[:, None])
         tl.store(PL + b * s_lb + heads * s_lh + s, lse, mask=g_ok)
     else:
-        h = pid - n_ret * SPLITS
-        heads = (n_ret + h) * G + g
+        kv = n_ret + pid - n_ret * SPLITS
+        heads = kv * G + g
         d = tl.arange(0, D)
         q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
         acc = tl.zeros([GP, D], dtype=tl.float32)
         m = tl.full([GP], float("-inf"), dtype=tl.float32)
         l = tl.zeros([GP], dtype=tl.float32)
         n = tl.minimum(length, cap)
+        k_off = _offset(OFF, b * s_ob + kv, ALIGNED)
+        v_off = _offset(OFF + s_ok, b * s_ob + kv, ALIGNED)
         acc, m, l = _attend_range(
-            acc, m, l, q, RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh, s_rt, 0, n, qk_scale,
-            BLOCK, D, PRECISION, INTERPRETED,
+            acc, m, l, q, BASE + k_off, BASE + v_off, s_t, 0, n, qk_scale, BLOCK, D, PRECISION, INTERPRETED,
         )
         o = acc / l[:, None]
-        tl.store(OUT + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+        tl.store(OUT + b * s_outb + heads[:, None] * s_outh + d[None, :], o.to(OUT.dtype.element_ty),
+                 mask=g_ok[:, None])
 
 
 def _check_head_dim(d: int) -> None:
     if d < 16 or d & (d - 1):
         raise ValueError(f"the Triton decode kernels need a power-of-two head_dim >= 16, got {d}")
+
+
+def append_rows(k: torch.Tensor, v: torch.Tensor, rows: DecodeRows, lengths: torch.Tensor, sink: int,
+                recent: int) -> None:
+    """Store ``k, v [B, Hkv, 1, D]``: row ``b`` at position ``lengths[b] - 1`` (KV heads ``< n_ret`` in the
+    retrieval storage, quantised if it is; the rest in the ring slot). ``lengths``: a 0-d clock or ``[B]``."""
+    bsz, hkv, _, d = k.shape
+    if bsz != rows.batch:
+        raise ValueError(f"keys hold {bsz} rows, the storage {rows.batch}")
+    offsets, base, codes = rows.tables()
+    common = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), offsets.stride(0), offsets.stride(1),
+              length_stride(lengths, bsz))
+    if rows.quantized:
+        _append_quant_kernel[(hkv, bsz)](
+            k, v, codes, base, offsets, lengths, *common, rows.code_stride, rows.scale_stride, rows.token_stride,
+            rows.n_ret, sink, recent,
+            HALF_D=d // 2, GROUP=rows.members[0].full_k.group_size, BITS=rows.members[0].full_k.bits,
+            ROUND_UP_16=k.element_size() == 2, ALIGNED=rows.aligned,
+        )
+        return
+    _check_head_dim(d)
+    _append_kernel[(hkv, bsz)](
+        k, v, base, offsets, lengths, *common, rows.token_stride, rows.n_ret, sink, recent, D=d,
+        ALIGNED=rows.aligned,
+    )
 
 
 def append_token(
@@ -416,21 +458,10 @@ def append_token(
     sink: int,
     recent: int,
 ) -> None:
-    """Store ``k, v [B, Hkv, 1, D]`` at position ``clock - 1``: KV heads ``< n_ret`` in the full cache, the rest in
-    the ring. ``clock`` is a one-element integer tensor on the device (the length after this token)."""
-    bsz, hkv, _, d = k.shape
-    _check_head_dim(d)
-    n_ret = 0 if full_k is None else full_k.shape[1]
-    fk, fv = (full_k, full_v) if full_k is not None else (ring_k, ring_v)
-    rk, rv = (ring_k, ring_v) if ring_k is not None else (full_k, full_v)
-    _append_kernel[(hkv, bsz)](
-        k, v, fk, fv, rk, rv, clock,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        fk.stride(0), fk.stride(1), fk.stride(2),
-        rk.stride(0), rk.stride(1), rk.stride(2),
-        n_ret, sink, recent,
-        D=d,
-    )
+    """Store ``k, v [B, Hkv, 1, D]`` of one cache at position ``clock - 1``: KV heads ``< n_ret`` in the full cache,
+    the rest in the ring. ``clock`` is a one-element integer tensor on the device (the length after this token).
+    (Builds the offset table on each call: caches keep theirs and call :func:`append_rows`.)"""
+    append_rows(k, v, DecodeRows.of(full_k, full_v, ring_k, ring_v, tables=True), clock, sink, recent)
 
 
 def default_splits(batch: int, n_ret: int, max_len: int, block: int) -> int:
@@ -443,6 +474,69 @@ def default_splits(batch: int, n_ret: int, max_len: int, block: int) -> int:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     want = max(triton.cdiv(4 * sms, batch * n_ret), triton.cdiv(max_len, 2048))
     return max(1, min(triton.next_power_of_2(want), 4096, triton.next_power_of_2(triton.cdiv(max_len, block))))
+
+
+def decode_rows(
+    q: torch.Tensor,
+    rows: DecodeRows,
+    lengths: torch.Tensor,
+    out: torch.Tensor,
+    partial_out: torch.Tensor,
+    partial_lse: torch.Tensor,
+    scale: float,
+    splits: int,
+    block: int = 64,
+) -> None:
+    """One query per head and row over ``rows``; writes ``out``.
+
+    Args:
+        q: ``[B, Hq, 1, D]`` with retrieval query heads first.
+        rows: the storage; row ``b`` has ``lengths[b]`` tokens (retrieval heads: its first ``lengths[b]``
+            positions; streaming heads: its first ``min(lengths[b], sink + recent)`` ring slots).
+        lengths: a 0-d clock (every row) or ``[B]``, int64 on the device.
+        out: ``[B, 1, Hq, D]``.
+        partial_out, partial_lse: float32 workspaces ``[B, >= n_ret * G, >= splits, D]`` and
+            ``[B, >= n_ret * G, >= splits]``.
+        splits: ranges per retrieval KV head (fixed for the life of a captured graph).
+    """
+    bsz, hq, _, d = q.shape
+    if bsz != rows.batch:
+        raise ValueError(f"queries hold {bsz} rows, the storage {rows.batch}")
+    n_ret, n_str = rows.n_ret, rows.n_str
+    group = hq // (n_ret + n_str)
+    offsets, base, codes = rows.tables()
+    # Every member's ring holds min(max_len, sink + recent) slots and its length never passes max_len, so the
+    # largest ring bounds what every row reads.
+    cap = max((m.ring_k.shape[2] for m in rows.members), default=0) if n_str else 0
+    q2, o2 = q[:, :, 0], out[:, 0]  # [B, Hq, D]
+    table = (offsets.stride(0), offsets.stride(1), length_stride(lengths, bsz))
+    shared = (o2.stride(0), o2.stride(1),
+              partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+              partial_lse.stride(0), partial_lse.stride(1),
+              n_ret, cap, scale * LOG2E)
+    if rows.quantized:
+        if d < 32 or d & (d - 1):
+            raise ValueError(f"the quantised decode kernel needs a power-of-two head_dim >= 32, got {d}")
+        stored = rows.members[0].full_k
+        _decode_quant_kernel[(n_ret * splits + n_str, bsz)](
+            q2, codes, base, offsets, lengths, o2, partial_out, partial_lse,
+            q2.stride(0), q2.stride(1), *table, rows.code_stride, rows.scale_stride, rows.token_stride, *shared,
+            G=group, GP=max(16, triton.next_power_of_2(group)), D=d, HALF_D=d // 2, GROUP=stored.group_size,
+            BITS=stored.bits, BLOCK=block, SPLITS=splits,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            INTERPRETED=INTERPRETED, ALIGNED=rows.aligned, num_warps=4, num_stages=2,
+        )
+    else:
+        _check_head_dim(d)
+        _decode_kernel[(n_ret * splits + n_str, bsz)](
+            q2, base, offsets, lengths, o2, partial_out, partial_lse,
+            q2.stride(0), q2.stride(1), *table, rows.token_stride, *shared,
+            G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block, SPLITS=splits,
+            PRECISION="ieee" if q.dtype == torch.float32 else None,  # float32 caches (tests): no tf32 rounding
+            INTERPRETED=INTERPRETED, ALIGNED=rows.aligned, num_warps=4, num_stages=3,
+        )
+    if n_ret:
+        _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)
 
 
 def decode_attention(
@@ -459,41 +553,11 @@ def decode_attention(
     splits: int,
     block: int = 64,
 ) -> None:
-    """One query per head over the cache; writes ``out``.
-
-    Args:
-        q: ``[B, Hq, 1, D]`` with retrieval query heads first.
-        full_k, full_v: ``[B, n_ret, max_len, D]`` or None; the first ``clock`` tokens are valid.
-        ring_k, ring_v: ``[B, n_str, cap, D]`` or None; the first ``min(clock, cap)`` slots are valid.
-        out: ``[B, 1, Hq, D]``.
-        partial_out, partial_lse: float32 workspaces ``[B, >= n_ret * G, >= splits, D]`` and
-            ``[B, >= n_ret * G, >= splits]``.
-        splits: ranges per retrieval KV head (fixed for the life of a captured graph).
-    """
-    bsz, hq, _, d = q.shape
-    _check_head_dim(d)
-    n_ret = 0 if full_k is None else full_k.shape[1]
-    n_str = 0 if ring_k is None else ring_k.shape[1]
-    group = hq // (n_ret + n_str)
-    fk, fv = (full_k, full_v) if full_k is not None else (ring_k, ring_v)
-    rk, rv = (ring_k, ring_v) if ring_k is not None else (full_k, full_v)
-    cap = 0 if ring_k is None else ring_k.shape[2]
-    q2, o2 = q[:, :, 0], out[:, 0]  # [B, Hq, D]
-    _decode_kernel[(n_ret * splits + n_str, bsz)](
-        q2, fk, fv, rk, rv, clock, o2, partial_out, partial_lse,
-        q2.stride(0), q2.stride(1),
-        fk.stride(0), fk.stride(1), fk.stride(2),
-        rk.stride(0), rk.stride(1), rk.stride(2),
-        o2.stride(0), o2.stride(1),
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-        partial_lse.stride(0), partial_lse.stride(1),
-        n_ret, cap, scale * LOG2E,
-        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,  # float32 caches (tests): no tf32 rounding
-        INTERPRETED=INTERPRETED, num_warps=4, num_stages=3,
-    )
-    if n_ret:
-        _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)
+    """:func:`decode_rows` over one cache's tensors (``full_k, full_v [B, n_ret, max_len, D]``, ``ring_k, ring_v
+    [B, n_str, cap, D]``, any of them None) with one ``clock`` for every row. Builds the offset table on each call."""
+    _check_head_dim(q.shape[-1])
+    rows = DecodeRows.of(full_k, full_v, ring_k, ring_v, tables=True)
+    decode_rows(q, rows, clock, out, partial_out, partial_lse, scale, splits, block)
 
 
 def _combine(partial_out, partial_lse, o2, rows: int, bsz: int, splits: int, d: int) -> None:
@@ -523,37 +587,16 @@ def decode_attention_quant(
 ) -> None:
     """:func:`decode_attention` with the retrieval heads' keys and values quantised (``QuantizedKV
     [B, n_ret, max_len, ...]``, int8 or int4); ``D`` a power of two >= 32."""
-    bsz, hq, _, d = q.shape
+    d = q.shape[-1]
     if d < 32 or d & (d - 1):
         raise ValueError(f"the quantised decode kernel needs a power-of-two head_dim >= 32, got {d}")
-    n_ret = full_k.data.shape[1]
-    n_str = 0 if ring_k is None else ring_k.shape[1]
-    group = hq // (n_ret + n_str)
-    q2, o2 = q[:, :, 0], out[:, 0]
-    rk, rv = (ring_k, ring_v) if ring_k is not None else (q2, q2)  # never read without streaming heads
-    rs = (rk.stride(0), rk.stride(1), rk.stride(2)) if ring_k is not None else (0, 0, 0)
-    cap = 0 if ring_k is None else ring_k.shape[2]
-    kd, ks, kz, vd, vs, vz = full_k.data, full_k.scale, full_k.zero, full_v.data, full_v.scale, full_v.zero
-    _decode_quant_kernel[(n_ret * splits + n_str, bsz)](
-        q2, kd, ks, kz, vd, vs, vz, rk, rv, clock, o2, partial_out, partial_lse,
-        q2.stride(0), q2.stride(1),
-        kd.stride(0), kd.stride(1), kd.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vd.stride(0), vd.stride(1), vd.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        *rs,
-        o2.stride(0), o2.stride(1),
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-        partial_lse.stride(0), partial_lse.stride(1),
-        n_ret, cap, scale * LOG2E,
-        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, HALF_D=d // 2, GROUP=full_k.group_size,
-        BITS=full_k.bits, BLOCK=block, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRETED=INTERPRETED, num_warps=4, num_stages=2,
-    )
-    _combine(partial_out, partial_lse, o2, n_ret * group, bsz, splits, d)
+    rows = DecodeRows.of(full_k, full_v, ring_k, ring_v, tables=True)
+    decode_rows(q, rows, clock, out, partial_out, partial_lse, scale, splits, block)
 
 
 def quant_append_supported(head_dim: int, group: int) -> bool:
-    """Whether :func:`append_token_quant` takes this geometry (powers of two, groups of at least two channels)."""
+    """Whether the fused quantise-and-store append takes this geometry (powers of two, groups of at least two
+    channels)."""
     pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
     return pow2(head_dim) and head_dim >= 32 and pow2(group) and group >= 2
 
@@ -570,16 +613,4 @@ def append_token_quant(
     recent: int,
 ) -> None:
     """:func:`append_token` for a quantised retrieval cache: one launch quantises and stores the token."""
-    bsz, hkv, _, d = k.shape
-    n_ret = full_k.data.shape[1]
-    rk, rv = (ring_k, ring_v) if ring_k is not None else (k, v)  # never written without streaming heads
-    rs = (rk.stride(0), rk.stride(1), rk.stride(2)) if ring_k is not None else (0, 0, 0)
-    kd, ks = full_k.data, full_k.scale
-    _append_quant_kernel[(hkv, bsz)](
-        k, v, kd, ks, full_k.zero, full_v.data, full_v.scale, full_v.zero, rk, rv, clock,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kd.stride(0), kd.stride(1), kd.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        *rs,
-        n_ret, sink, recent,
-        HALF_D=d // 2, GROUP=full_k.group_size, BITS=full_k.bits, ROUND_UP_16=k.element_size() == 2,
-    )
+    append_rows(k, v, DecodeRows.of(full_k, full_v, ring_k, ring_v, tables=True), clock, sink, recent)

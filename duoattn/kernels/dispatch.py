@@ -3,21 +3,23 @@
 =================  ==============================================  ===============================================
 step               CUDA                                            elsewhere (and soft-capping, odd head sizes)
 =================  ==============================================  ===============================================
-append a token     Triton, one launch per layer (dense); quantise  ``index_copy_`` at the device clock
-                   + ``index_copy_`` at the device clock (int8/4)
+append a token     Triton, one launch per layer (dense, or         ``index_copy_`` at the device length, per
+                   quantise + store in the same launch)            member (cache)
 decode attention   Triton split-KV over the retrieval cache (dense  SDPA over the stored prefix (the host count),
-                   or dequantised in registers) + the ring, merge   dequantised first when quantised
+                   or dequantised in registers) + the ring, merge   dequantised first when quantised, per member
 prefill retrieval  SDPA (flash), causal aligned lower-right        the same (soft-capped: a math path by blocks)
 prefill streaming  FlexAttention, block-sparse                     SDPA block by block (``streaming_attention``)
 =================  ==============================================  ===============================================
 
-Only the CUDA decode path is graph-safe (lengths come from the device clock); :func:`graph_safe` says so.
+Decode steps take :class:`~duoattn.kernels.rows.DecodeRows`: the rows of one cache, or of several caches with their
+own lengths (a batch view, :mod:`duoattn.batch`). Only the CUDA decode path is graph-safe (lengths come from the
+device); :func:`graph_safe` says so.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from ..layout import ring_slot
 from ..quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
 from .attention import causal_attention, dense_attention, streaming_attention
+from .rows import DecodeRows, Member
 
 try:  # optional: the Triton kernels need the triton package (CUDA machines have it with PyTorch)
     from . import decode_triton
@@ -158,6 +161,38 @@ def decode_splits(kernels: KernelChoice, batch: int, n_ret: int, max_len: int) -
     return decode_triton.default_splits(batch, n_ret, max_len, DECODE_BLOCK)
 
 
+def append_rows(kernels: KernelChoice, k: torch.Tensor, v: torch.Tensor, rows: DecodeRows, lengths: torch.Tensor,
+                sink: int, recent: int) -> None:
+    """Store one token per row, ``k, v [B, Hkv, 1, D]``: row ``b`` at position ``lengths[b] - 1`` (``lengths``: a 0-d
+    clock or ``[B]`` on the device; retrieval heads first, then the ring). No host read: graph-safe."""
+    if kernels.decode == "triton" and (
+            not rows.quantized or decode_triton.quant_append_supported(k.shape[-1], rows.members[0].full_k.group_size)):
+        decode_triton.append_rows(k, v, rows, lengths, sink, recent)
+        return
+    lens = lengths.reshape(-1)
+    row = 0
+    for m in rows.members:  # per sequence, never per head
+        pos = (lens[row : row + 1] if lens.numel() > 1 else lens) - 1
+        _append_member(m, k[row : row + m.batch], v[row : row + m.batch], pos, rows.n_ret, sink, recent)
+        row += m.batch
+
+
+def _append_member(m: Member, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, n_ret: int, sink: int,
+                   recent: int) -> None:
+    if m.full_k is not None:
+        if isinstance(m.full_k, QuantizedKV):
+            config = _config_of(m.full_k)
+            m.full_k.write_at(pos, quantize(k[:, :n_ret], config))
+            m.full_v.write_at(pos, quantize(v[:, :n_ret], config))
+        else:
+            m.full_k.index_copy_(2, pos, k[:, :n_ret])
+            m.full_v.index_copy_(2, pos, v[:, :n_ret])
+    if m.ring_k is not None:
+        slot = ring_slot(pos, sink, recent)
+        m.ring_k.index_copy_(2, slot, k[:, n_ret:])
+        m.ring_v.index_copy_(2, slot, v[:, n_ret:])
+
+
 def append_token(
     kernels: KernelChoice,
     k: torch.Tensor,
@@ -170,33 +205,54 @@ def append_token(
     sink: int,
     recent: int,
 ) -> None:
-    """Store one token ``k, v [B, Hkv, 1, D]`` at position ``clock - 1`` (retrieval heads first, then the ring)."""
-    quantized = isinstance(full_k, QuantizedKV)
-    if kernels.decode == "triton" and not quantized:
-        decode_triton.append_token(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
-        return
-    if kernels.decode == "triton" and decode_triton.quant_append_supported(k.shape[-1], full_k.group_size):
-        decode_triton.append_token_quant(k, v, full_k, full_v, ring_k, ring_v, clock, sink, recent)
-        return
-    pos = (clock - 1).view(1)
-    n_ret = 0
-    if full_k is not None:
-        n_ret = full_k.data.shape[1] if quantized else full_k.shape[1]
-        if quantized:
-            config = _config_of(full_k)
-            full_k.write_at(pos, quantize(k[:, :n_ret], config))
-            full_v.write_at(pos, quantize(v[:, :n_ret], config))
-        else:
-            full_k.index_copy_(2, pos, k[:, :n_ret])
-            full_v.index_copy_(2, pos, v[:, :n_ret])
-    if ring_k is not None:
-        slot = ring_slot(pos, sink, recent)
-        ring_k.index_copy_(2, slot, k[:, n_ret:])
-        ring_v.index_copy_(2, slot, v[:, n_ret:])
+    """:func:`append_rows` over one cache's tensors (builds their rows on each call; caches keep theirs)."""
+    rows = DecodeRows.of(full_k, full_v, ring_k, ring_v, tables=kernels.decode == "triton")
+    append_rows(kernels, k, v, rows, clock, sink, recent)
 
 
 def _config_of(stored: QuantizedKV) -> KVQuantConfig:
     return KVQuantConfig(bits=stored.bits, group_size=stored.group_size)
+
+
+def decode_rows(
+    kernels: KernelChoice,
+    q: torch.Tensor,
+    rows: DecodeRows,
+    lengths: torch.Tensor,
+    member_lengths: Callable[[], Sequence[int]],
+    workspace: Workspace,
+    scale: float,
+    splits: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``q [B, Hq, 1, D]`` (retrieval query heads first) over ``rows`` -> ``[B, 1, Hq, D]``.
+
+    The Triton path reads row lengths from the device (``lengths``: a 0-d clock or ``[B]``) and writes into the
+    shared ``workspace.decode_out``; the torch path asks ``member_lengths()`` for each member's host count and runs
+    one SDPA per member.
+    """
+    hq = q.shape[1]
+    if kernels.decode == "triton":
+        out = workspace.decode_out[: q.shape[0], :, :hq]
+        decode_triton.decode_rows(q, rows, lengths, out, workspace.partial_out, workspace.partial_lse, scale, splits,
+                                  block=DECODE_BLOCK)
+        return out
+    n_ret, n_str = rows.n_ret, rows.n_str
+    hr = hq * n_ret // (n_ret + n_str)
+    outs, row = [], 0
+    for m, length in zip(rows.members, member_lengths()):  # per sequence, never per head
+        qm = q[row : row + m.batch]
+        row += m.batch
+        parts = []
+        if m.full_k is not None:
+            k, v = _prefix(m.full_k, length, q.dtype), _prefix(m.full_v, length, q.dtype)
+            parts.append(dense_attention(qm[:, :hr], k, v, scale, softcap))
+        if m.ring_k is not None:
+            n = min(length, m.ring_k.shape[2])  # the ring holds exactly the visible keys (in any order)
+            parts.append(dense_attention(qm[:, hr:], m.ring_k[:, :, :n], m.ring_v[:, :, :n], scale, softcap))
+        outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return out.transpose(1, 2)
 
 
 def decode_attention(
@@ -213,33 +269,10 @@ def decode_attention(
     splits: int,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """``q [B, Hq, 1, D]`` (retrieval query heads first) over the cache -> ``[B, 1, Hq, D]``.
-
-    The Triton path reads the length from ``clock`` and writes into the shared ``workspace.decode_out``; the torch
-    path uses the host count ``length``.
-    """
-    hq = q.shape[1]
-    if kernels.decode == "triton":
-        out = workspace.decode_out[:, :, :hq]
-        args = (q, full_k, full_v, ring_k, ring_v, clock, out, workspace.partial_out, workspace.partial_lse, scale,
-                splits)
-        if isinstance(full_k, QuantizedKV):
-            decode_triton.decode_attention_quant(*args, block=DECODE_BLOCK)
-        else:
-            decode_triton.decode_attention(*args, block=DECODE_BLOCK)
-        return out
-    n_ret = 0 if full_k is None else (full_k.data.shape[1] if isinstance(full_k, QuantizedKV) else full_k.shape[1])
-    n_str = 0 if ring_k is None else ring_k.shape[1]
-    hr = hq * n_ret // (n_ret + n_str)
-    parts = []
-    if full_k is not None:
-        k, v = _prefix(full_k, length, q.dtype), _prefix(full_v, length, q.dtype)
-        parts.append(dense_attention(q[:, :hr], k, v, scale, softcap))
-    if ring_k is not None:
-        n = min(length, ring_k.shape[2])  # the ring holds exactly the visible keys (in any order)
-        parts.append(dense_attention(q[:, hr:], ring_k[:, :, :n], ring_v[:, :, :n], scale, softcap))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return out.transpose(1, 2)
+    """:func:`decode_rows` over one cache's tensors with one clock (``length`` its host count); builds their rows on
+    each call (caches keep theirs)."""
+    rows = DecodeRows.of(full_k, full_v, ring_k, ring_v, tables=kernels.decode == "triton")
+    return decode_rows(kernels, q, rows, clock, lambda: [length], workspace, scale, splits, softcap)
 
 
 def _prefix(stored: torch.Tensor | QuantizedKV, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -343,5 +376,6 @@ def uncached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ret:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-__all__ = ["KernelChoice", "Workspace", "append_token", "decode_attention", "graph_safe", "prefill_retrieval",
+__all__ = ["DecodeRows", "KernelChoice", "Workspace", "append_rows", "append_token", "decode_attention", "decode_rows",
+           "graph_safe", "prefill_retrieval",
            "prefill_streaming", "split_streaming_prefill", "uncached_attention"]

@@ -1,12 +1,13 @@
 """The worker thread that owns the model: requests join and leave the running set between decode steps.
 
 Each running request (:class:`Sequence`) has its own batch-1 :class:`~duoattn.cache.DuoCache`, sized to its prompt
-plus ``max_tokens`` (one clock per cache). A scheduling round runs one decode step for every request that has
-finished its prefill, then at most one prefill chunk of the oldest request still prefilling, so a long prompt
-delays every other stream by one chunk per round, not by its whole prefill.
-
-:meth:`Scheduler.decode` is the seam for a true batched decode (one forward for all decoding requests, per-sequence
-lengths in the split-KV kernel): today it runs one batch-1 forward per request.
+plus ``max_tokens``, and prefills in it. A scheduling round runs ONE ``[B, 1]`` decode forward for every request
+that has finished its prefill, through a :class:`~duoattn.batch.BatchCache` over their caches (each row with its
+own length), then at most one prefill chunk of the oldest request still prefilling, so a long prompt delays every
+other stream by one chunk per round, not by its whole prefill. The batch view is rebuilt only when the set of
+decoding requests changes (a request joins after its prefill, or leaves), and dropped as soon as one leaves, so
+its memory goes back at once. Models with local sliding-window layers (whose transformers caches a view cannot
+gather) decode one request at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batch import BatchCache
 from ..cache import DuoCache
 from ..deploy import DuoAttentionHandle, cache_kwarg
 from .metrics import ServerMetrics
@@ -96,6 +98,10 @@ class Scheduler:
         self.decode_forward: Callable[..., Any] = graphs.compiled_call if graphs is not None else model
         self.new_cache: Callable[..., DuoCache] = handle.new_cache
         self.running: list[Sequence] = []
+        # One decode forward for all decoding requests, unless a layer keeps transformers' own cache.
+        self.batched = all(r is not None for r in handle.layer_roles)
+        self._batch: BatchCache | None = None
+        self._batch_seqs: tuple[Sequence, ...] = ()
         self.peak_running = 0  # most requests ever running at once (a diagnostic)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -185,16 +191,43 @@ class Scheduler:
     def decode(self, seqs: list[Sequence]) -> list[torch.Tensor | BaseException]:
         """One decode step for each of ``seqs``: the logits ``[vocab]`` of its next token, or what went wrong.
 
-        The seam for batched decode: a kernel with per-sequence lengths would run all of ``seqs`` in one forward.
+        Batched: one ``[B, 1]`` forward over a batch view of their caches (a failure of that forward fails every
+        one of them). Otherwise one batch-1 forward per request.
         """
-        out: list[torch.Tensor | BaseException] = []
-        for seq in seqs:
-            ids = torch.tensor([[seq.generated[-1]]], device=self.device)
-            try:
-                out.append(self._logits(self.decode_forward, ids, seq.cache))
-            except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
-                out.append(err)
-        return out
+        if not seqs:
+            return []
+        if not self.batched:
+            return [self._decode_one(seq) for seq in seqs]
+        try:
+            view = self._batch_of(seqs)
+            inputs = view.step_inputs([seq.generated[-1] for seq in seqs])
+            output = self.decode_forward(**inputs, use_cache=True, logits_to_keep=1, **{self.cache_name: view})
+            logits = output.logits[:, -1].float()
+        except Exception as err:  # noqa: BLE001 - the batch fails; the worker goes on
+            self._drop_batch()
+            return [err] * len(seqs)
+        return list(logits.unbind(0))
+
+    def _batch_of(self, seqs: list[Sequence]) -> BatchCache:
+        """The batch view over ``seqs``' caches: the current one if the membership is unchanged, else a new one."""
+        key = tuple(seqs)
+        if self._batch is None or key != self._batch_seqs:
+            self._drop_batch()
+            self._batch = BatchCache([seq.cache for seq in seqs])
+            self._batch_seqs = key
+        return self._batch
+
+    def _drop_batch(self) -> None:
+        if self._batch is not None:
+            self._batch.release()
+        self._batch, self._batch_seqs = None, ()
+
+    def _decode_one(self, seq: Sequence) -> torch.Tensor | BaseException:
+        ids = torch.tensor([[seq.generated[-1]]], device=self.device)
+        try:
+            return self._logits(self.decode_forward, ids, seq.cache)
+        except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
+            return err
 
     def _logits(self, forward: Callable[..., Any], ids: torch.Tensor, cache: DuoCache) -> torch.Tensor:
         output = forward(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_name: cache})
@@ -254,6 +287,8 @@ class Scheduler:
         """Take ``seq`` out, drop its cache, give its memory back, then send ``event`` (None: nobody listens)."""
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self._batch_seqs:  # the view holds its storage: drop it now, the next round builds another
+            self._drop_batch()
         seq.cache = None
         seq.generator = None
         try:

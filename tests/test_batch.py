@@ -1,0 +1,244 @@
+"""Batched decode over several caches (``duoattn.batch``): rows of different lengths in one step.
+
+Kernel level: B members of different sizes and lengths (shorter than sink + recent, wrapped in the ring, spanning
+several splits; one member of batch 2) decoded in one batched step equal B separate batch-1 steps and the dense
+float64 oracle, for the torch path and the Triton kernels (under the interpreter on the CPU), dense and int8 / int4.
+Model level: a batch view over requests' caches follows the oracle on the unpatched model while a sequence leaves
+and another joins; ``Scheduler.decode`` runs one forward for all decoding requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import reference_logits
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from duoattn import HeadPattern, duo_attention
+from duoattn.batch import BatchCache
+from duoattn.kernels import dispatch
+from duoattn.kernels.dispatch import KernelChoice
+from duoattn.kernels.reference import reference_attention
+from duoattn.kernels.rows import DecodeRows, Member, length_stride
+from duoattn.layout import ring_slot
+from duoattn.quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SINK, RECENT = 4, 8
+KERNELS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="needs triton"))]
+
+
+if HAVE_TRITON:
+    from test_triton_kernels import interpreter_on_numpy2  # noqa: F401 - the same interpreter fix-up (autouse)
+
+
+def _member(keys, values, max_len, n_ret, bits):
+    """A cache's storage holding ``keys, values [b, Hkv, L, D]`` at positions 0..L-1, as the cache lays it out."""
+    b, hkv, length, d = keys.shape
+    cfg = None if bits == 16 else KVQuantConfig(bits)
+    if cfg is None:
+        fk = torch.zeros(b, n_ret, max_len, d, device=DEVICE)
+        fv = torch.zeros_like(fk)
+        fk[:, :, :length], fv[:, :, :length] = keys[:, :n_ret], values[:, :n_ret]
+    else:
+        fk = QuantizedKV.zeros((b, n_ret), max_len, d, cfg, torch.float32, torch.device(DEVICE))
+        fv = QuantizedKV.zeros((b, n_ret), max_len, d, cfg, torch.float32, torch.device(DEVICE))
+        fk.write(0, quantize(keys[:, :n_ret], cfg))
+        fv.write(0, quantize(values[:, :n_ret], cfg))
+    ring = min(SINK + RECENT, max_len)
+    rk = torch.zeros(b, hkv - n_ret, ring, d, device=DEVICE)
+    rv = torch.zeros_like(rk)
+    for p in range(length):  # later positions overwrite earlier ones: what the ring keeps
+        rk[:, :, ring_slot(p, SINK, RECENT)] = keys[:, n_ret:, p]
+        rv[:, :, ring_slot(p, SINK, RECENT)] = values[:, n_ret:, p]
+    return Member(fk, fv, rk, rv)
+
+
+def _clone(m: Member) -> Member:
+    def c(x):
+        return x.map(torch.clone) if isinstance(x, QuantizedKV) else x.clone()
+    return Member(c(m.full_k), c(m.full_v), c(m.ring_k), c(m.ring_v))
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batched_step_equals_separate_steps_and_the_oracle(kernel, bits):
+    gen = torch.Generator().manual_seed(bits)
+    n_ret, n_str, group, d, splits = 1, 2, 2, 32, 4
+    hkv, hq = n_ret + n_str, (n_ret + n_str) * group
+    # (batch, stored tokens before the step, max_len): shorter than the window, a ring smaller than the window,
+    # exactly full, wrapped, and spanning all splits (ceil(97 / 4) = 25 tokens per split, blocks of 16)
+    shapes = [(1, 3, 40), (1, 5, 7), (2, 11, 30), (1, 39, 64), (1, 96, 100)]
+    kernels = KernelChoice(kernel, "blocks")
+    history = [(torch.randn(b, hkv, n + 1, d, generator=gen).to(DEVICE),
+                torch.randn(b, hkv, n + 1, d, generator=gen).to(DEVICE)) for b, n, _ in shapes]
+    members = [_member(k[:, :, :n], v[:, :, :n], t, n_ret, bits) for (k, v), (_, n, t) in zip(history, shapes)]
+    alone = [_clone(m) for m in members]
+    q = torch.randn(sum(b for b, _, _ in shapes), hq, 1, d, generator=gen).to(DEVICE)
+    k_new = torch.cat([k[:, :, -1:] for k, _ in history])
+    v_new = torch.cat([v[:, :, -1:] for _, v in history])
+    lengths_host = [n + 1 for _, n, _ in shapes]
+
+    def run(rows, lengths, host, q, k, v):
+        ws = dispatch.Workspace()
+        ws.reserve_decode(rows.batch, n_ret * group, splits, hq, d, torch.float32, torch.device(DEVICE))
+        dispatch.append_rows(kernels, k, v, rows, lengths, SINK, RECENT)
+        return dispatch.decode_rows(kernels, q, rows, lengths, lambda: host, ws, d**-0.5, splits).clone()
+
+    triton = kernel == "triton"
+    rows = DecodeRows(members, tables=triton)
+    lengths = torch.tensor([n + 1 for b, n, _ in shapes for _ in range(b)], device=DEVICE)
+    got = run(rows, lengths, lengths_host, q, k_new, v_new)
+    assert got.shape == (q.shape[0], 1, hq, d)
+    row = 0
+    for (b, n, _), m, (keys, values) in zip(shapes, alone, history):
+        sl = slice(row, row + b)
+        row += b
+        one = run(DecodeRows([m], tables=triton), torch.tensor(n + 1, device=DEVICE), [n + 1], q[sl], k_new[sl],
+                  v_new[sl])
+        torch.testing.assert_close(got[sl], one, rtol=1e-6, atol=1e-6)  # the same step, alone
+        # the oracle: dense attention over every position, the streaming rule applied by position; retrieval keys
+        # as stored (dequantised when quantised), the new token included
+        fk = dequantize(m.full_k) if bits < 16 else m.full_k
+        fv = dequantize(m.full_v) if bits < 16 else m.full_v
+        k_all = torch.cat([fk[:, :, : n + 1].cpu(), keys[:, n_ret:].cpu()], dim=1)
+        v_all = torch.cat([fv[:, :, : n + 1].cpu(), values[:, n_ret:].cpu()], dim=1)
+        if bits == 16:
+            torch.testing.assert_close(k_all, keys.cpu())  # what was appended is the new token
+        retrieval = torch.tensor([True] * n_ret + [False] * n_str)
+        ref = reference_attention(q[sl].cpu().double(), k_all.double(), v_all.double(), retrieval, SINK, RECENT,
+                                  q_pos=torch.tensor([n]))
+        torch.testing.assert_close(got[sl].cpu().double(), ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_refuse_members_that_do_not_match():
+    a = Member(torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16))
+    b = Member(torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16), None, None)
+    with pytest.raises(ValueError, match="member 1 has 2 retrieval / 0 streaming"):
+        DecodeRows([a, b])
+    c = Member(torch.zeros(1, 1, 8, 32)[..., ::2], torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 4, 16),
+               torch.zeros(1, 1, 4, 16))
+    with pytest.raises(ValueError, match="contiguous tokens"):
+        DecodeRows([a, c])
+    with pytest.raises(ValueError, match="one length per row"):
+        length_stride(torch.zeros(3, dtype=torch.int64), 2)
+
+
+# ------------------------------------------------------------------------------------------------ model level
+PATTERN = HeadPattern(np.array([[1.0, 0.0], [0.2, 0.9]]), sink=3, recent=10)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa")  # head_dim 32
+    return LlamaForCausalLM(config).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("kernel, bits", [("torch", 16), ("torch", 8), ("torch", 4),
+                                          *(pytest.param("triton", b, marks=KERNELS[1].marks) for b in (16, 4))])
+def test_membership_change_keeps_every_sequence_exact(model, kernel, bits):
+    """Sequences A, B, C decode together; A leaves, D joins (after its own prefill); every row of every step equals
+    the oracle's logits at that position (teacher-forced tokens), whatever the other rows are doing."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = {"A": 5, "B": 30, "C": 50, "D": 17}
+    steps = 6
+    ids = {k: torch.randint(0, 97, (1, p + steps + 4), generator=gen).to(DEVICE) for k, p in prompts.items()}
+    quant = KVQuantConfig(bits) if bits < 16 else None
+    expected = {k: reference_logits(model, PATTERN, x, kv_quant=quant)[0] for k, x in ids.items()}
+    done = dict.fromkeys(prompts, 0)  # decode steps taken per sequence
+    with torch.no_grad(), duo_attention(model, PATTERN, kv_bits=bits, kernels=KernelChoice(decode=kernel),
+                                        cuda_graphs=False) as handle:
+        caches = {}
+        for k, p in prompts.items():
+            caches[k] = handle.new_cache(ids[k].shape[1])
+            model(ids[k][:, :p], cache=caches[k], use_cache=True)
+
+        def rounds(names, n):
+            view = BatchCache([caches[k] for k in names])
+            for _ in range(n):
+                tokens = [int(ids[k][0, prompts[k] + done[k]]) for k in names]
+                out = model(**view.step_inputs(tokens), cache=view, use_cache=True).logits[:, -1]
+                for b, k in enumerate(names):
+                    want = expected[k][prompts[k] + done[k]]
+                    torch.testing.assert_close(out[b], want, rtol=1e-4, atol=1e-4, msg=f"{k} step {done[k]}")
+                    done[k] += 1
+            view.release()
+
+        rounds(["A", "B", "C"], 3)
+        rounds(["B", "C", "D"], 3)  # A left, D joined
+        rounds(["D", "A"], 1)  # A comes back after sitting out rounds, in another row
+        assert caches["A"].length() == prompts["A"] + 4 and int(caches["A"].state.clock) == prompts["A"] + 4
+
+
+def test_batch_view_refuses_what_it_cannot_gather(model):
+    with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
+        fresh = handle.new_cache(10)
+        with pytest.raises(ValueError, match="not allocated yet"):
+            BatchCache([fresh])
+        prompting = handle.new_cache(20)
+        prompting.begin_prompt(10)
+        model(torch.zeros(1, 4, dtype=torch.long, device=DEVICE), cache=prompting, use_cache=True)
+        with pytest.raises(ValueError, match="still prefilling"):
+            BatchCache([prompting])
+        full = handle.new_cache(3)
+        model(torch.zeros(1, 3, dtype=torch.long, device=DEVICE), cache=full, use_cache=True)
+        view = BatchCache([full])
+        with pytest.raises(ValueError, match="sized for 3 tokens"):
+            model(**view.step_inputs([1]), cache=view, use_cache=True)
+        with pytest.raises(ValueError, match="one token per row"):
+            view.step_inputs([1, 2])
+
+
+def test_scheduler_decodes_all_requests_in_one_forward(model):
+    from duoattn.serve.metrics import ServerMetrics
+    from duoattn.serve.sampling import SamplingParams
+    from duoattn.serve.scheduler import Scheduler, Sequence
+
+    gen = torch.Generator().manual_seed(4)
+    full = [torch.randint(0, 97, (1, n + 2), generator=gen).to(DEVICE) for n in (4, 21, 40)]
+    expected = [reference_logits(model, PATTERN, x)[0] for x in full]
+    loop = asyncio.new_event_loop()
+    try:
+        with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
+            sched = Scheduler(model, handle, set(), 64, ServerMetrics(), cuda_graphs=False)
+            assert sched.batched
+            shapes = []
+            forward = sched.decode_forward
+
+            def spy(**kwargs):
+                shapes.append(tuple(kwargs["input_ids"].shape))
+                return forward(**kwargs)
+
+            sched.decode_forward = spy
+            seqs = []
+            for x in full:
+                n = x.shape[1] - 2
+                seq = Sequence(x[0, :n].tolist(), SamplingParams(max_tokens=4, temperature=0.0), 0, loop,
+                               lambda _: None)
+                seq.cache = sched.new_cache(n + 4, batch_size=1)
+                model(x[:, :n], cache=seq.cache, use_cache=True)
+                seq.prefilled, seq.generated = n, [int(x[0, n])]
+                seqs.append(seq)
+            logits = sched.decode(seqs)
+            assert shapes == [(3, 1)]  # one forward for the three of them
+            for seq, want, got in zip(seqs, expected, logits):
+                torch.testing.assert_close(got, want[len(seq.prompt)].float(), rtol=1e-4, atol=1e-4)
+            sched._finish(seqs[0], None)  # a request leaves: the view holding its storage goes with it
+            assert sched._batch is None and seqs[0].cache is None
+            for seq, x in zip(seqs[1:], full[1:]):
+                seq.generated.append(int(x[0, len(seq.prompt) + 1]))
+            logits = sched.decode(seqs[1:])
+            assert shapes == [(3, 1), (2, 1)]
+            for seq, want, got in zip(seqs[1:], expected[1:], logits):
+                torch.testing.assert_close(got, want[len(seq.prompt) + 1].float(), rtol=1e-4, atol=1e-4)
+    finally:
+        loop.close()
