@@ -123,7 +123,8 @@ def test_fused_quantised_decode_equals_the_oracle_with_the_codec(model, bits, gr
         cache = handle.new_cache(1300)
         got = run_chunks(model, ids, cache, [1200] + [1] * 100)
         assert cache.kv_bytes() == handle.expected_kv_bytes(1300)
-    assert calls and all(calls), "the fused quantised decode kernel did not run"
+    # Every decode step of every layer with retrieval heads read quantised storage (a layer without any has none).
+    assert sum(calls) == 100 * int((ROLES.sum(axis=1) > 0).sum()), "the fused quantised decode kernel did not run"
     assert rel(got, expected) < 2e-2
 
 

@@ -135,6 +135,9 @@ class _Sessions:
 
     def __init__(self, model: torch.nn.Module, handle: DuoAttentionHandle, tokens: int, context: int, gen):
         self.model, self.handle, self.tokens, self.context, self.gen = model, handle, tokens, context, gen
+        # fill_random draws on the caches' device: its generator must live there (the token ids stay on the CPU).
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        self.fill_gen = torch.Generator(device=model.device).manual_seed(seed)
         self.caches: list[Any] = []
         self.cache_name = cache_kwarg(model)
 
@@ -143,7 +146,7 @@ class _Sessions:
         for _ in tqdm(range(count), desc=desc, unit="session", leave=False):
             try:
                 cache = self.handle.new_cache(self.tokens, batch_size=1)
-                cache.fill_random(self.context, generator=self.gen)
+                cache.fill_random(self.context, generator=self.fill_gen)
             except OOM:
                 release(self.model.device)
                 return f"out of memory after {len(self.caches)} sessions"
