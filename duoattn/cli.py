@@ -372,7 +372,7 @@ def run_bench(args: argparse.Namespace) -> None:
 def add_identify(sub: argparse._SubParsersAction) -> None:
     from .identify.memory import CHECKPOINTING
     from .identify.streaming import KERNELS
-    from .identify.train import DEFAULT_MAX_LEN, DEFAULT_MIN_LEN, DEFAULT_STEPS, DTYPES, PRESETS
+    from .identify.train import DEFAULT_BUDGETS, DEFAULT_MAX_LEN, DEFAULT_MIN_LEN, DEFAULT_STEPS, DTYPES, PRESETS
 
     p = sub.add_parser("identify", help="learn which heads are retrieval heads (gates per layer and KV head)")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
@@ -403,6 +403,22 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student-kernel", choices=KERNELS, default="auto",
                    help="streaming attention of the student (default auto: flex on CUDA, blocks on the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that holds another run")
+    v = p.add_argument_group("validation and budget-aware selection (after training)")
+    v.add_argument("--val-samples", type=int, default=4, help="validation samples; 0 skips validation (default 4)")
+    v.add_argument("--val-seed", type=int, default=None, help="seed of the validation samples (default --seed + 1)")
+    v.add_argument("--val-min-len", type=int, default=None, help="shortest validation sample (default --min-len)")
+    v.add_argument("--val-max-len", type=int, default=None,
+                   help="longest validation sample, at most the model's context (default --max-len)")
+    v.add_argument("--budgets", type=_floats, default=list(DEFAULT_BUDGETS),
+                   help="fractions of retrieval heads to report the binarised pattern at (default 0.1,0.25,0.5,0.75)")
+    v.add_argument("--refine", type=_floats, default=[],
+                   help="fractions of retrieval heads to refine the head set at on the validation loss, e.g. "
+                        "0.25,0.5; the written gates then binarise to the refined sets (default: none)")
+    v.add_argument("--refine-evals", type=int, default=24, help="most swaps tried per refined budget (default 24)")
+    v.add_argument("--refine-window", type=int, default=4,
+                   help="weakest kept and strongest dropped heads considered for swaps (default 4)")
+    v.add_argument("--min-per-layer", type=int, default=0,
+                   help="retrieval heads every layer keeps at least, in the report and the refinement (default 0)")
 
 
 PRESET_FLAGS = ("steps", "min_len", "max_len", "num_passkeys", "passkey_words", "lr", "reg", "sink", "recent")
@@ -410,6 +426,7 @@ PRESET_FLAGS = ("steps", "min_len", "max_len", "num_passkeys", "passkey_words", 
 
 def run_identify(args: argparse.Namespace) -> None:
     from .identify import IdentifyConfig, identify
+    from .identify.validate import validation_table
 
     given = {name: getattr(args, name) for name in PRESET_FLAGS if getattr(args, name) is not None}
     config = IdentifyConfig.preset(
@@ -425,11 +442,22 @@ def run_identify(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         checkpointing=args.checkpointing,
         student_kernel=args.student_kernel,
+        val_samples=args.val_samples,
+        val_seed=args.val_seed,
+        val_min_len=args.val_min_len,
+        val_max_len=args.val_max_len,
+        budgets=tuple(args.budgets),
+        refine=tuple(args.refine),
+        refine_evals=args.refine_evals,
+        refine_window=args.refine_window,
+        min_per_layer=args.min_per_layer,
         **given,
     )
     result = identify(config)
     seconds = result.pattern.metadata["train_seconds"]
     print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
+    if result.validation is not None:
+        print(validation_table(result.validation))
 
 
 # ----------------------------------------------------------------------------------------- bench-identify

@@ -196,7 +196,8 @@ class HeadPattern:
 
     # ---------------------------------------------------------------------------------------- binarisation
     def binarize(
-        self, sparsity: float | None = None, threshold: float | None = None, layers: Any = None
+        self, sparsity: float | None = None, threshold: float | None = None, layers: Any = None,
+        min_per_layer: int = 0,
     ) -> np.ndarray:
         """Boolean roles ``[num_layers, num_kv_heads]``: True = retrieval (full cache), False = streaming.
 
@@ -208,27 +209,50 @@ class HeadPattern:
         ``layers`` (bool ``[num_layers]``, default all True) names the layers DuoAttention applies to, e.g. the
         global layers of Gemma. Only their heads are ranked and counted; the rows of the other layers are ignored
         and come back all True (DuoAttention evicts nothing there: they keep the model's own sliding window).
+
+        ``min_per_layer=m`` keeps at least the ``m`` highest-gated heads of every selected layer as retrieval heads.
+        With ``sparsity`` the number of retrieval heads stays the same: the per-layer heads come first and the rest
+        of the budget goes to the highest gates of the other heads; a budget below ``m`` heads per layer is refused.
         """
         if sparsity is not None and threshold is not None:
             raise ValueError("give either sparsity or threshold, not both")
+        if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, (int, np.integer)) or not (
+                0 <= min_per_layer <= self.num_kv_heads):
+            raise ValueError(f"min_per_layer must be an integer in [0, {self.num_kv_heads}] (the KV heads of a "
+                             f"layer), got {min_per_layer!r}")
         selected = self._layer_mask(layers)
         roles = np.ones(self.gates.shape, dtype=bool)
         gates = self.gates[selected]
+        # Heads of the selected layers, strongest first: gate descending, then the later (layer, head) first.
+        flat = gates.reshape(-1)
+        strongest = np.lexsort((np.arange(flat.size), flat))[::-1]
+        floor = np.zeros(flat.size, dtype=bool)
+        if min_per_layer:
+            heads = gates.shape[1]
+            for rank_in_layer in range(min_per_layer):
+                for layer in range(gates.shape[0]):
+                    in_layer = strongest[strongest // heads == layer]
+                    floor[in_layer[rank_in_layer]] = True
         if sparsity is None:
             t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
             if not math.isfinite(t):
                 raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-            roles[selected] = gates >= t
+            roles[selected] = ((gates >= t).reshape(-1) | floor).reshape(gates.shape)
             return roles
         s = float(sparsity)
         if not (0.0 <= s <= 1.0):  # also refuses NaN
             raise ValueError(f"sparsity must be in [0, 1] (the fraction of streaming heads), got {sparsity!r}")
-        flat = gates.reshape(-1)
         num_streaming = int(math.floor(s * flat.size + 0.5))
-        # np.lexsort sorts by the last key first: gate ascending, then flat index ascending (stable tie-break).
-        order = np.lexsort((np.arange(flat.size), flat))
-        chosen = np.ones(flat.size, dtype=bool)
-        chosen[order[:num_streaming]] = False
+        num_retrieval = flat.size - num_streaming
+        if num_retrieval < int(floor.sum()):
+            raise ValueError(
+                f"sparsity {sparsity!r} leaves {num_retrieval} retrieval heads, fewer than min_per_layer="
+                f"{min_per_layer} in each of {gates.shape[0]} layers ({int(floor.sum())}); lower the sparsity or "
+                "min_per_layer"
+            )
+        chosen = floor.copy()
+        rest = strongest[~floor[strongest]]
+        chosen[rest[: num_retrieval - int(floor.sum())]] = True
         roles[selected] = chosen.reshape(gates.shape)
         return roles
 

@@ -13,7 +13,7 @@ from test_identify_data import TEXT
 from duoattn import HeadPattern
 from duoattn.cli import main
 from duoattn.identify import IdentifyConfig, identify
-from duoattn.identify.run import GATES_PLOT, HISTORY_FILE, LOSS_PLOT
+from duoattn.identify.run import GATES_PLOT, HISTORY_FILE, LOSS_PLOT, VALIDATION_FILE, VALIDATION_PLOT
 from duoattn.pattern import CONFIG_FILE, GATES_FILE
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +39,8 @@ def run(out: Path, haystack: Path, **kwargs):
 def test_output_directory(tmp_path, haystack):
     out = tmp_path / "run"
     result = run(out, haystack)
-    assert {p.name for p in out.iterdir()} == {GATES_FILE, CONFIG_FILE, HISTORY_FILE, GATES_PLOT, LOSS_PLOT, "checkpoint"}
+    assert {p.name for p in out.iterdir()} == {GATES_FILE, CONFIG_FILE, HISTORY_FILE, GATES_PLOT, LOSS_PLOT, "checkpoint",
+                                               VALIDATION_FILE, VALIDATION_PLOT}
     pattern = HeadPattern.load(out)
     np.testing.assert_array_equal(pattern.gates, result.pattern.gates)
     assert pattern.shape == (2, 2) and (pattern.sink, pattern.recent) == (4, 32)
@@ -52,7 +53,7 @@ def test_output_directory(tmp_path, haystack):
     assert len(config["haystack_sha256"]) == 64 and config["train_seconds"] > 0
     history = json.loads((out / HISTORY_FILE).read_text())
     assert [r["step"] for r in history] == [1, 2, 3] and all(1200 <= r["length"] <= 1400 for r in history)
-    for name in (GATES_PLOT, LOSS_PLOT):
+    for name in (GATES_PLOT, LOSS_PLOT, VALIDATION_PLOT):
         assert (out / name).read_bytes().startswith(PNG)
 
 

@@ -214,7 +214,8 @@ def test_identify_refuses_a_non_empty_out_and_overwrite_replaces_it_whole(tmp_pa
     assert [p.name for p in out.iterdir()] == ["README.md"]
     identify_run(out, files / "domain.txt", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoint", CONFIG_FILE, GATES_FILE, "gates.png", "history.json", "loss.png"])
+        ["checkpoint", CONFIG_FILE, GATES_FILE, "gates.png", "history.json", "loss.png", "validation.json",
+         "validation.png"])
     with pytest.raises(UsageError, match="is not empty"):  # a finished run is not rerun over either
         identify_run(out, files / "domain.txt", seed=7)
     assert len(identify_run(out, files / "domain.txt", resume=True).history) == 2

@@ -81,6 +81,7 @@ class PasskeySample:
         passkeys: the passkeys, each ``passkey_words`` space-separated words, in the order they appear.
         passkey_spans: per passkey, the token range ``[start, end)`` of its words inside its needle.
         qa_spans: per passkey, the token range ``[start, end)`` of its question-and-answer block.
+        answer_spans: per passkey, the token range ``[start, end)`` of the passkey's words in its answer.
         depths: per passkey, where its needle starts, as a fraction of the haystack tokens.
     """
 
@@ -89,6 +90,7 @@ class PasskeySample:
     passkey_spans: tuple[tuple[int, int], ...]
     qa_spans: tuple[tuple[int, int], ...]
     depths: tuple[float, ...]
+    answer_spans: tuple[tuple[int, int], ...] = ()
 
     @property
     def length(self) -> int:
@@ -156,11 +158,16 @@ class PasskeyDataset:
         ]
         return len(self._intro) + len(self._outro) + sum(per_key)
 
-    def sample(self, index: int) -> PasskeySample:
-        """Sample number ``index`` (any non-negative integer)."""
+    def sample(self, index: int, length: int | None = None) -> PasskeySample:
+        """Sample number ``index`` (any non-negative integer); ``length`` replaces its drawn length (the other
+        draws stay those of ``index``), for samples of chosen lengths in ``[min_len, max_len]``."""
         cfg = self.config
         rng = np.random.default_rng([self.seed, int(index)])
-        length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
+        drawn = int(rng.integers(cfg.min_len, cfg.max_len + 1))
+        if length is None:
+            length = drawn
+        elif not cfg.min_len <= length <= cfg.max_len:
+            raise ValueError(f"length must be in [min_len, max_len] = [{cfg.min_len}, {cfg.max_len}], got {length}")
         keys = rng.integers(0, len(NATO_WORDS), size=(cfg.num_passkeys, cfg.passkey_words))
         depths = np.sort(rng.uniform(cfg.min_depth, cfg.max_depth, size=cfg.num_passkeys))
         start = int(rng.integers(0, len(self._sentences)))
@@ -182,9 +189,10 @@ class PasskeyDataset:
             ids += key + tail
             prev = cut
         ids += hay[prev:] + self._outro
-        qa_spans = []
+        qa_spans, answer_spans = [], []
         for question, key in zip(self._questions, key_tokens):
             begin = len(ids)
+            answer_spans.append((begin + len(question), begin + len(question) + len(key)))
             ids += question + key + self._answer_tail
             qa_spans.append((begin, len(ids)))
         assert len(ids) == length
@@ -194,6 +202,7 @@ class PasskeyDataset:
             passkey_spans=tuple(spans),
             qa_spans=tuple(qa_spans),
             depths=tuple(c / len(hay) for c in cuts),
+            answer_spans=tuple(answer_spans),
         )
 
     def _haystack(self, start: int, budget: int) -> tuple[list[int], list[int]]:

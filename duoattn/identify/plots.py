@@ -59,3 +59,26 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str) -> N
     ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def plot_validation(report: dict[str, Any], path: Path, title: str) -> None:
+    """Validation loss (log scale, left) and passkey accuracy (right) of the binarised pattern per budget, for the
+    trained gates and, when there are any, the selected (refined) ones; full attention's accuracy as a line."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in (("trained", "o-"), ("selected", "s--")):
+        rows = report.get(name) or []
+        if not rows:
+            continue
+        x = [100 * r["budget"] for r in rows]
+        left.plot(x, [max(r["loss"], 1e-12) for r in rows], style, label=f"{name} gates")
+        right.plot(x, [r["accuracy"] for r in rows], style, label=f"{name} gates")
+    right.axhline(report["full_accuracy"], color="tab:gray", linestyle=":", label="full attention")
+    left.set_yscale("log")
+    left.set_ylabel("distillation MSE (binarised)")
+    right.set_ylabel("passkeys answered exactly")
+    right.set_ylim(-0.02, 1.02)
+    for ax in (left, right):
+        ax.set_xlabel("retrieval heads (% of KV heads)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

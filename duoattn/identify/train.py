@@ -44,6 +44,11 @@ DEFAULT_STEPS = 64
 DEFAULT_MIN_LEN = 1024
 DEFAULT_MAX_LEN = 1280
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_BUDGETS = (0.1, 0.25, 0.5, 0.75)
+# Settings of the validation and the selection after training: they shape the written pattern, not the training,
+# so a checkpoint made with other ones can be resumed.
+VALIDATION_SETTINGS = ("val_samples", "val_seed", "val_min_len", "val_max_len", "budgets", "refine", "refine_evals",
+                       "refine_window", "min_per_layer")
 
 # Named sets of settings; explicit settings override a preset's.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -81,6 +86,16 @@ class IdentifyConfig:
         student_kernel: the student's streaming attention, ``flex``, ``blocks`` or ``auto`` (flex on CUDA when it
             works there, else blocks).
         overwrite: replace a non-empty ``out`` that holds no resumable run (without it such an ``out`` is refused).
+        val_samples: validation samples (0: no validation and no refinement); see :mod:`.validate`.
+        val_seed: the seed of the validation samples (default ``seed + 1``); it must differ from ``seed``.
+        val_min_len, val_max_len: the validation lengths, spread evenly over this range (default: the training
+            range; at most the model's context).
+        budgets: fractions of retrieval heads at which the binarised pattern is evaluated after training.
+        refine: budgets at which the binarised set is refined on the validation loss (:mod:`.select`); the
+            written gates then binarise to the refined sets there.
+        refine_evals: the most swaps tried per refined budget. refine_window: candidates on each side of the
+            boundary (the weakest kept and the strongest dropped heads).
+        min_per_layer: retrieval heads every layer keeps at least, in the report and the refinement.
     """
 
     out: str
@@ -105,6 +120,15 @@ class IdentifyConfig:
     checkpointing: str = "auto"
     student_kernel: str = "auto"
     overwrite: bool = False
+    val_samples: int = 4
+    val_seed: int | None = None
+    val_min_len: int | None = None
+    val_max_len: int | None = None
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    refine: tuple[float, ...] = ()
+    refine_evals: int = 24
+    refine_window: int = 4
+    min_per_layer: int = 0
     passkeys: PasskeyConfig = field(init=False, repr=False)
 
     @classmethod
@@ -156,14 +180,55 @@ class IdentifyConfig:
             min_len=self.min_len,
             max_len=self.max_len,
         )
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        for name, minimum in (("val_samples", 0), ("refine_evals", 0), ("refine_window", 1), ("min_per_layer", 0)):
+            check_int(name, getattr(self, name), minimum)
+        if self.val_seed is not None:
+            check_int("val_seed", self.val_seed, 0)
+        if self.validation_seed == self.seed:
+            raise UsageError(f"val_seed must differ from seed ({self.seed}): validation samples must not be "
+                             "training samples")
+        for name in ("val_min_len", "val_max_len"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        low, high = self.validation_lengths
+        if low > high:
+            raise UsageError(f"val_min_len ({low}) must not exceed val_max_len ({high})")
+        for name in ("budgets", "refine"):
+            values = tuple(getattr(self, name))
+            bad = [b for b in values if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1]
+            if bad or len(set(values)) != len(values):
+                raise UsageError(f"{name} must be distinct fractions of retrieval heads in (0, 1], got {list(values)}")
+            setattr(self, name, tuple(float(b) for b in values))
+        if self.refine and not self.val_samples:
+            raise UsageError("refine needs validation samples (val_samples >= 1)")
 
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the result, JSON-ready (a resume must match them)."""
         skip = {"out", "resume", "overwrite", "save_every", "passkeys", "fit_context", "fit_min_len",
-                "checkpointing", "student_kernel"}
+                "checkpointing", "student_kernel", *VALIDATION_SETTINGS}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         values["haystack"] = list(self.haystack)
         values["min_depth"], values["max_depth"] = self.passkeys.min_depth, self.passkeys.max_depth
+        return values
+
+    @property
+    def validation_seed(self) -> int:
+        return self.seed + 1 if self.val_seed is None else self.val_seed
+
+    @property
+    def validation_lengths(self) -> tuple[int, int]:
+        """``(shortest, longest)`` validation sample: the training range unless set."""
+        low = self.min_len if self.val_min_len is None else self.val_min_len
+        return low, self.max_len if self.val_max_len is None else self.val_max_len
+
+    def validation_settings(self) -> dict[str, Any]:
+        """The settings of the validation and the selection, JSON-ready."""
+        values = {name: getattr(self, name) for name in VALIDATION_SETTINGS}
+        values.update(budgets=list(self.budgets), refine=list(self.refine), val_seed=self.validation_seed)
+        values["val_min_len"], values["val_max_len"] = self.validation_lengths
         return values
 
 

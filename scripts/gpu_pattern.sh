@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Identify a SmolLM2-135M-Instruct pattern with validation and budget-aware selection at 25% and 50% retrieval heads,
+# then run passkey and NIAH at 1K-8K on it (full / duo 25% / duo 50% / random) and print a summary table.
+# Sized for one H200 in about 7 minutes (docs/identification.md, "Budget-aware selection").
+#
+#   scripts/gpu_pattern.sh OUT_ROOT MODEL.gguf
+#
+# Environment (defaults in brackets): STEPS [180], MIN_LEN [2048], MAX_LEN [8192], PASSKEYS [8], WORDS [16],
+# VAL_SAMPLES [6], VAL_MIN [2048], VAL_MAX [8192], REFINE_EVALS [24], REFINE_WINDOW [4], LENGTHS [1024,2048,4096,8192],
+# SAMPLES [50], DEVICE [cuda], PYTHON [python3]. SMOKE=1 runs every command on a tiny setting (for a CPU check).
+set -euo pipefail
+ROOT=${1:?usage: $0 OUT_ROOT MODEL.gguf}
+MODEL=${2:?usage: $0 OUT_ROOT MODEL.gguf}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if [[ ${SMOKE:-0} == 1 ]]; then
+    : "${STEPS:=1}" "${MIN_LEN:=420}" "${MAX_LEN:=460}" "${PASSKEYS:=2}" "${WORDS:=4}" "${VAL_SAMPLES:=1}"
+    : "${VAL_MIN:=420}" "${VAL_MAX:=460}" "${REFINE_EVALS:=1}" "${REFINE_WINDOW:=1}" "${LENGTHS:=512}" "${SAMPLES:=1}"
+    : "${DEVICE:=cpu}"
+fi
+STEPS=${STEPS:-180} MIN_LEN=${MIN_LEN:-2048} MAX_LEN=${MAX_LEN:-8192} PASSKEYS=${PASSKEYS:-8} WORDS=${WORDS:-16}
+VAL_SAMPLES=${VAL_SAMPLES:-6} VAL_MIN=${VAL_MIN:-2048} VAL_MAX=${VAL_MAX:-8192} REFINE_EVALS=${REFINE_EVALS:-24}
+REFINE_WINDOW=${REFINE_WINDOW:-4} LENGTHS=${LENGTHS:-1024,2048,4096,8192} SAMPLES=${SAMPLES:-50} DEVICE=${DEVICE:-cuda}
+mkdir -p "$ROOT"
+start=$SECONDS
+
+# 1. Identification: longer samples and more, longer passkeys than the defaults; validation on another seed at
+#    lengths up to the context; the head sets at 25% and 50% refined on the validation loss.
+"$PY" -m duoattn identify --model "$MODEL" --device "$DEVICE" --out "$ROOT/pattern" --overwrite \
+    --steps "$STEPS" --min-len "$MIN_LEN" --max-len "$MAX_LEN" --num-passkeys "$PASSKEYS" --passkey-words "$WORDS" \
+    --val-samples "$VAL_SAMPLES" --val-min-len "$VAL_MIN" --val-max-len "$VAL_MAX" --budgets 0.1,0.25,0.5,0.75 \
+    --refine 0.25,0.5 --refine-evals "$REFINE_EVALS" --refine-window "$REFINE_WINDOW" \
+    >"$ROOT/identify.log" 2>&1
+echo "identify $((SECONDS - start)) s" | tee "$ROOT/timings.txt"
+
+# 2. The eval harness on the new pattern, one process per task and length (a 135M model leaves the GPU idle). Same
+#    prompts as scripts/gpu_accuracy.sh (seed 20261201, 50 depths), so the numbers compare with docs/results.md.
+DEPTHS=$("$PY" -c "print(','.join(f'{i/($SAMPLES-1 if $SAMPLES>1 else 1):.4f}' for i in range($SAMPLES)))")
+eval_start=$SECONDS
+IFS=, read -r -a LENS <<<"$LENGTHS"
+for L in "${LENS[@]}"; do
+    # A passkey prompt is about L tokens and generates 8 more: at the context's end it must leave room for them.
+    PL=$((L >= 8192 ? L - 16 : L))
+    "$PY" -m duoattn eval passkey --model "$MODEL" --pattern "$ROOT/pattern" --out "$ROOT/passkey-$L" --lengths $PL \
+        --samples "$SAMPLES" --seed 20261201 --methods full,duo,random --sparsity 0.75,0.5 --random-seeds 1 \
+        --device "$DEVICE" >"$ROOT/passkey-$L.log" 2>&1 &
+    "$PY" -m duoattn eval niah --model "$MODEL" --pattern "$ROOT/pattern" --out "$ROOT/niah-$L" --lengths $L \
+        --depths "$DEPTHS" --chat-template --max-new-tokens 24 --methods full,duo,random --sparsity 0.75,0.5 \
+        --random-seeds 1 --device "$DEVICE" >"$ROOT/niah-$L.log" 2>&1 &
+done
+status=0
+for job in $(jobs -p); do wait "$job" || status=1; done
+echo "eval $((SECONDS - eval_start)) s, total $((SECONDS - start)) s" | tee -a "$ROOT/timings.txt"
+"$PY" "$REPO/scripts/pattern_summary.py" "$ROOT" | tee "$ROOT/summary.txt"
+if [[ $status != 0 ]]; then
+    echo "an eval process failed: see $ROOT/*.log" >&2
+    exit 1
+fi
