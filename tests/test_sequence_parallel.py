@@ -1,0 +1,155 @@
+"""Sequence-parallel identification on 2 CPU processes (gloo) against one process: the same gates, an exact
+resume, and the halo plan against a brute-force count of which keys each rank reads."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dist_helpers import spawn
+from identify_helpers import one_long_range_head_model, random_samples
+from safetensors.torch import load_file, save_file
+
+from duoattn.identify.parallel import SequenceShard
+from duoattn.identify.train import IdentifyConfig, train_gates
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(out: Path, **kwargs) -> IdentifyConfig:
+    values = dict(out=str(out), steps=3, lr=0.05, sink=2, recent=8, min_len=97, max_len=97, save_every=1)
+    return IdentifyConfig(**{**values, **kwargs})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _samples(length: int, num_loss: int, stop_at: int | None):
+    sample_fn = random_samples(length, num_loss)
+
+    def fn(step: int):
+        if step == stop_at:
+            raise Interrupt(f"stopped before step {step}")
+        return sample_fn(step)
+
+    return fn
+
+
+def _train(world, out: str, length: int, num_loss: int, kwargs: dict, stop_at: int | None = None) -> torch.Tensor:
+    cfg = _config(Path(out), **kwargs)
+    model = one_long_range_head_model()
+    try:
+        result = train_gates(model, _samples(length, num_loss, stop_at), cfg, cfg.settings(),
+                             Path(out) / "checkpoint", progress=False, world=world)
+    except Interrupt:
+        return None
+    if world is None or world.is_main:
+        save_file({"gates": result.gates}, str(Path(out) / "gates.safetensors"))
+    return result.gates
+
+
+def _parallel_worker(world, out: str, length: int, num_loss: int, kwargs: dict, stop_at: int | None) -> None:
+    gates = _train(world, out, length, num_loss, kwargs, stop_at)
+    if gates is not None:  # every rank ends with the gates of rank 0
+        save_file({"gates": gates}, str(Path(out) / f"gates-rank{world.rank}.safetensors"))
+
+
+def _parallel(out: Path, length: int, num_loss: int, stop_at: int | None = None, **kwargs) -> torch.Tensor | None:
+    spawn(_parallel_worker, str(out), length, num_loss, kwargs, stop_at)
+    if stop_at is not None:
+        return None
+    ranks = [load_file(str(out / f"gates-rank{r}.safetensors"))["gates"] for r in range(2)]
+    assert torch.equal(ranks[0], ranks[1])
+    return ranks[0]
+
+
+@pytest.mark.parametrize(
+    "length, num_loss, kwargs",
+    [
+        # odd length (49 + 48), the student spans both ranks, a window much shorter than a rank's slice
+        (97, 60, dict(recent=8)),
+        # a window (24) longer than a rank's slice (17 / 16): rank 1's first queries read every student key of
+        # rank 0 and the teacher's keys before the start; recomputation replays the exchange in the backward pass
+        (33, 20, dict(recent=24, min_len=33, max_len=33, checkpointing="on")),
+    ],
+)
+def test_sequence_parallel_gates_equal_one_process(tmp_path, length, num_loss, kwargs):
+    one = _train(None, str(tmp_path / "one"), length, num_loss, kwargs)
+    two = _parallel(tmp_path / "two", length, num_loss, **kwargs)
+    assert (one < 1).any(), "the gates must move for the comparison to mean anything"
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-10)
+    # the student really ran on both ranks and across the boundary
+    shard = SequenceShard.split(length, 1, 2)
+    first_loss = length - num_loss
+    assert first_loss < shard.lo
+
+
+def test_sequence_parallel_resume_repeats_an_uninterrupted_run(tmp_path):
+    kwargs = dict(steps=4, save_every=2)
+    one = _train(None, str(tmp_path / "one"), 97, 60, kwargs)
+    out = tmp_path / "two"
+    assert _parallel(out, 97, 60, stop_at=3, **kwargs) is None  # interrupted: the checkpoint of step 2 is left
+    state = (out / "checkpoint" / "state.json").read_text()
+    assert '"step": 2' in state and not list(out.glob("checkpoint/*.tmp*"))
+    resumed = _parallel(out, 97, 60, resume=True, **kwargs)
+    torch.testing.assert_close(resumed, one, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ the halo plan
+def _reads(start: int, first: int, end: int, sink: int, recent: int) -> set[int]:
+    """Every student key position (>= start) that the queries first..end-1 read and do not compute."""
+    keys = set()
+    for i in range(first, end):
+        keys |= {j for j in range(start, i + 1) if j < sink or i - j < recent}
+    return {j for j in keys if j < first}
+
+
+@pytest.mark.parametrize("length, size, start, sink, recent",
+                         [(97, 2, 60, 2, 8), (33, 2, 13, 2, 24), (50, 4, 10, 4, 30), (41, 3, 2, 5, 7),
+                          (64, 4, 40, 2, 3), (19, 4, 0, 8, 2)])
+def test_halo_plan_sends_exactly_the_keys_each_rank_reads(length, size, start, sink, recent):
+    shards = [SequenceShard.split(length, r, size) for r in range(size)]
+    received = {r: [] for r in range(size)}
+    sent = {}
+    for shard in shards:
+        receives, sends = shard.halo_plan(start, sink, recent)
+        for p, a, b in receives:
+            received[shard.rank].extend(range(a, b))
+        for q, a, b in sends:
+            sent[(shard.rank, q)] = (a, b)
+            # a rank sends only keys it computes
+            assert shard.first(start) <= a < b <= shard.hi
+    for shard in shards:
+        r = shard.rank
+        if not shard.computes(start):
+            assert received[r] == []
+            continue
+        got = received[r]
+        assert got == sorted(set(got)), "each key once, in position order"
+        # a contiguous range that covers every key the rank reads (it may also hold unread keys between the
+        # sink and the window, when the sink extends past the start)
+        need = _reads(start, shard.first(start), shard.hi, sink, recent)
+        assert need <= set(got)
+        if got:
+            assert got == list(range(got[0], shard.first(start)))
+            assert got[0] == min(need)
+    # every receive has the matching send
+    for shard in shards:
+        for p, a, b in shard.halo_plan(start, sink, recent)[0]:
+            assert sent[(p, shard.rank)] == (a, b)
+
+
+def test_split_is_contiguous_and_even():
+    for length, size in itertools.product((7, 8, 33, 97), (1, 2, 3, 4)):
+        shards = [SequenceShard.split(length, r, size) for r in range(size)]
+        sizes = [s.hi - s.lo for s in shards]
+        assert sum(sizes) == length and max(sizes) - min(sizes) <= 1 and shards[0].lo == 0
+        assert all(a.hi == b.lo for a, b in zip(shards, shards[1:]))
+    with pytest.raises(ValueError, match="cannot be split over 4 processes"):
+        SequenceShard.split(3, 0, 4)
+    with pytest.raises(ValueError, match="rank must be in"):
+        SequenceShard.split(8, 2, 2)
