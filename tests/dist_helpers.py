@@ -27,11 +27,14 @@ def _entry(rank: int, fn: Callable[..., Any], size: int, port: int, timeout_s: f
     world = init_world("cpu", timeout_s)
     try:
         fn(world, *args)
+        torch.distributed.barrier()  # no rank leaves while another still talks to it
     finally:
         shutdown()
 
 
 def spawn(fn: Callable[..., Any], *args: Any, size: int = 2, timeout_s: float = 30.0) -> None:
-    """Run ``fn(world, *args)`` on ``size`` processes (``fn`` must be importable: a module-level function); an
+    """Run ``fn(world, *args)`` on ``size`` processes (forked from this process); an
     exception on any rank is raised here (torch.multiprocessing then stops the other ranks)."""
-    mp.spawn(_entry, args=(fn, size, free_port(), timeout_s, args), nprocs=size, join=True)
+    # fork: the ranks inherit the imported modules (a fresh interpreter per rank spends seconds importing torch)
+    mp.start_processes(_entry, args=(fn, size, free_port(), timeout_s, args), nprocs=size, join=True,
+                       start_method="fork")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from dist_helpers import spawn
-from identify_helpers import one_long_range_head_model, random_samples
+from conftest import tiny_llama
+from identify_helpers import random_samples
 from safetensors.torch import load_file, save_file
 
 from duoattn.identify.parallel import SequenceShard
@@ -41,7 +42,8 @@ def _samples(length: int, num_loss: int, stop_at: int | None):
 
 def _train(world, out: str, length: int, num_loss: int, kwargs: dict, stop_at: int | None = None) -> torch.Tensor:
     cfg = _config(Path(out), **kwargs)
-    model = one_long_range_head_model()
+    # every head of every layer matters, so gradients cross the ranks through the keys of earlier layers
+    model = tiny_llama(num_layers=3, heads=4, kv_heads=2, seed=1)
     try:
         result = train_gates(model, _samples(length, num_loss, stop_at), cfg, cfg.settings(),
                              Path(out) / "checkpoint", progress=False, world=world)
@@ -58,34 +60,36 @@ def _parallel_worker(world, out: str, length: int, num_loss: int, kwargs: dict, 
         save_file({"gates": gates}, str(Path(out) / f"gates-rank{world.rank}.safetensors"))
 
 
-def _parallel(out: Path, length: int, num_loss: int, stop_at: int | None = None, **kwargs) -> torch.Tensor | None:
-    spawn(_parallel_worker, str(out), length, num_loss, kwargs, stop_at)
+def _parallel(out: Path, length: int, num_loss: int, stop_at: int | None = None, size: int = 2,
+              **kwargs) -> torch.Tensor | None:
+    spawn(_parallel_worker, str(out), length, num_loss, kwargs, stop_at, size=size)
     if stop_at is not None:
         return None
-    ranks = [load_file(str(out / f"gates-rank{r}.safetensors"))["gates"] for r in range(2)]
-    assert torch.equal(ranks[0], ranks[1])
+    ranks = [load_file(str(out / f"gates-rank{r}.safetensors"))["gates"] for r in range(size)]
+    assert all(torch.equal(ranks[0], g) for g in ranks[1:])
     return ranks[0]
 
 
 @pytest.mark.parametrize(
-    "length, num_loss, kwargs",
+    "length, num_loss, size, kwargs",
     [
         # odd length (49 + 48), the student spans both ranks, a window much shorter than a rank's slice
-        (97, 60, dict(recent=8)),
+        (97, 60, 2, dict(recent=8)),
         # a window (24) longer than a rank's slice (17 / 16): rank 1's first queries read every student key of
-        # rank 0 and the teacher's keys before the start; recomputation replays the exchange in the backward pass
-        (33, 20, dict(recent=24, min_len=33, max_len=33, checkpointing="on")),
+        # rank 0; recomputation replays the exchange in the backward pass. (Queries below sink + recent = 26 see
+        # every earlier key, so no gradient crosses the ranks here; the next case has it.)
+        (33, 20, 2, dict(recent=24, min_len=33, max_len=33, checkpointing="on")),
+        # three ranks of 17: rank 2's windows reach back to position 11, over the student keys of ranks 0 and 1
+        (51, 40, 3, dict(recent=24, min_len=51, max_len=51)),
     ],
 )
-def test_sequence_parallel_gates_equal_one_process(tmp_path, length, num_loss, kwargs):
+def test_sequence_parallel_gates_equal_one_process(tmp_path, length, num_loss, size, kwargs):
     one = _train(None, str(tmp_path / "one"), length, num_loss, kwargs)
-    two = _parallel(tmp_path / "two", length, num_loss, **kwargs)
+    many = _parallel(tmp_path / "many", length, num_loss, size=size, **kwargs)
     assert (one < 1).any(), "the gates must move for the comparison to mean anything"
-    torch.testing.assert_close(two, one, rtol=0, atol=1e-10)
-    # the student really ran on both ranks and across the boundary
-    shard = SequenceShard.split(length, 1, 2)
-    first_loss = length - num_loss
-    assert first_loss < shard.lo
+    torch.testing.assert_close(many, one, rtol=0, atol=1e-10)
+    # the student pass starts before the last rank's slice: it runs on several ranks, across their boundaries
+    assert length - num_loss < SequenceShard.split(length, size - 1, size).lo
 
 
 def test_sequence_parallel_resume_repeats_an_uninterrupted_run(tmp_path):
