@@ -403,6 +403,9 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student-kernel", choices=KERNELS, default="auto",
                    help="streaming attention of the student (default auto: flex on CUDA, blocks on the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that holds another run")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun with several processes (each sample split along the sequence): seconds a "
+                        "collective waits for the other ranks before the job stops with an error (default 600)")
 
 
 PRESET_FLAGS = ("steps", "min_len", "max_len", "num_passkeys", "passkey_words", "lr", "reg", "sink", "recent")
@@ -425,11 +428,13 @@ def run_identify(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         checkpointing=args.checkpointing,
         student_kernel=args.student_kernel,
+        dist_timeout_s=args.dist_timeout,
         **given,
     )
     result = identify(config)
     seconds = result.pattern.metadata["train_seconds"]
-    print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
+    if result.written:
+        print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
 
 
 # ----------------------------------------------------------------------------------------- bench-identify
@@ -584,6 +589,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # loading (a pattern, a checkpoint, a model), whose messages name what was wrong.
         print(f"duoattn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .distributed import CollectiveError
+
+        if not isinstance(err, CollectiveError):
+            raise
+        print(f"duoattn {args.command}: error: {err}", file=sys.stderr)  # one rank of several stopped the job
+        return 1
     except KeyboardInterrupt:
         print(f"duoattn {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ resume, and the halo plan against a brute-force count of which keys each rank re
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from dist_helpers import spawn
 from conftest import tiny_llama
 from identify_helpers import random_samples
 from safetensors.torch import load_file, save_file
+from torch.multiprocessing import ProcessRaisedException
 
 from duoattn.identify.parallel import SequenceShard
 from duoattn.identify.train import IdentifyConfig, train_gates
@@ -157,3 +159,58 @@ def test_split_is_contiguous_and_even():
         SequenceShard.split(3, 0, 4)
     with pytest.raises(ValueError, match="rank must be in"):
         SequenceShard.split(8, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def _failing_worker(world, out: str, how: str) -> None:
+    cfg = _config(Path(out), steps=3)
+    model = tiny_llama(num_layers=2, heads=4, kv_heads=2, seed=1)
+    samples = random_samples(97, 60)
+
+    def sample_fn(step: int):
+        if world.rank == 1 and step == 1:
+            if how == "hang":
+                time.sleep(120)  # never joins the next collective
+            raise RuntimeError("rank 1 failed while drawing its sample")
+        return samples(step)
+
+    train_gates(model, sample_fn, cfg, cfg.settings(), Path(out) / "checkpoint", progress=False, world=world)
+
+
+@pytest.mark.parametrize("how", ["hang", "raise"])
+def test_a_failing_rank_stops_the_job_with_a_clear_error(tmp_path, how):
+    tic = time.monotonic()
+    with pytest.raises(ProcessRaisedException) as info:
+        spawn(_failing_worker, str(tmp_path / "out"), how, timeout_s=3.0)
+    elapsed = time.monotonic() - tic
+    assert elapsed < 40, f"the job took {elapsed:.0f} s to stop"
+    message = str(info.value)
+    if how == "hang":  # rank 0 waits in a collective for the timeout, then stops with an error that says so
+        assert "CollectiveError" in message and "rank 0 of 2" in message and "3 s timeout" in message
+    else:  # the failing rank's own error is the one reported
+        assert "rank 1 failed while drawing its sample" in message
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def _identify_worker(world, out: str, haystack: str) -> None:
+    from test_identify_run import run
+
+    result = run(Path(out), Path(haystack))
+    assert result.written == world.is_main
+
+
+def test_identify_on_two_ranks_writes_once_and_matches_one_process(tmp_path):
+    from test_identify_data import TEXT
+    from test_identify_run import run
+
+    from duoattn import HeadPattern
+
+    haystack = tmp_path / "domain.txt"
+    haystack.write_text(TEXT, encoding="utf-8")
+    one = run(tmp_path / "one", haystack).pattern
+    spawn(_identify_worker, str(tmp_path / "two"), str(haystack))
+    two = HeadPattern.load(tmp_path / "two")
+    assert (one.gates < 1).any()
+    np.testing.assert_allclose(two.gates, one.gates, rtol=0, atol=1e-10)
+    assert two.metadata["sequence_parallel"] == 2 and one.metadata["sequence_parallel"] == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -44,9 +44,13 @@ LOSS_PLOT = "loss.png"
 
 @dataclass
 class IdentifyResult:
+    """The pattern, the history, and the output directory (``written``: False on the ranks other than 0 of a
+    sequence-parallel run, which write nothing)."""
+
     pattern: HeadPattern
     history: list[dict[str, Any]]
     out: Path
+    written: bool = True
 
 
 PATTERN_FILES = (GATES_FILE, CONFIG_FILE)
@@ -168,7 +172,7 @@ def identify(
         plot_history(history, new / LOSS_PLOT, title)
 
     if not main:  # rank 0 writes the outputs
-        return IdentifyResult(pattern, history, out)
+        return IdentifyResult(pattern, history, out, written=False)
     # The checkpoint comes along (a finished run can be resumed with more steps); with --overwrite nothing else of
     # the old directory does, with --resume everything the run did not write itself (a README) does.
     replace_directory(out, fill, keep=lambda name: name == CHECKPOINT_DIR or (config.resume and name not in OUTPUTS
