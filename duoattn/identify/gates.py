@@ -216,10 +216,11 @@ def _student(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tens
     """Queries, keys and values at positions ``start..T-1``; earlier keys come from the teacher."""
     record = gate_set.teacher[layer]
     start, first = gate_set.start, gate_set.first
-    if record is None or record.full_from > first or record.full_from + record.full.shape[1] != first + query.shape[-2]:
-        raise RuntimeError(f"layer {layer}: run the teacher pass on the same input before the student pass")
     if gate_set.recorded_for not in (None, start):
         raise RuntimeError(f"the teacher pass recorded for a student start of {gate_set.recorded_for}, not {start}")
+    end = first + query.shape[-2]
+    if record is None or record.full_from > first or record.full_from + record.full.shape[1] != end:
+        raise RuntimeError(f"layer {layer}: run the teacher pass on the same input before the student pass")
     stream = _windowed(gate_set, layer, query, key, value, scale, softcap)
     if gate_set.windows[layer] is not None:  # a local layer keeps its window, ungated
         return stream
