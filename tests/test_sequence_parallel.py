@@ -214,3 +214,32 @@ def test_identify_on_two_ranks_writes_once_and_matches_one_process(tmp_path):
     np.testing.assert_allclose(two.gates, one.gates, rtol=0, atol=1e-10)
     assert two.metadata["sequence_parallel"] == 2 and one.metadata["sequence_parallel"] == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- process group
+def test_init_world_outside_torchrun_says_how_to_start(monkeypatch):
+    from duoattn.distributed import init_world, launched
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched()
+    with pytest.raises(RuntimeError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set; start the job with "
+                                           "torchrun --nproc-per-node N"):
+        init_world("cpu")
+    with pytest.raises(ValueError, match="timeout_s must be > 0 seconds, got 0"):
+        init_world("cpu", timeout_s=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched()
+
+
+def test_collective_errors_rename_backend_failures_only():
+    from duoattn.distributed import CollectiveError, World, collective_errors
+
+    world = World(rank=1, size=2, local_rank=1, device=torch.device("cpu"), timeout_s=7)
+    with pytest.raises(CollectiveError, match=r"rank 1 of 2: the student pass failed: .* within the 7 s timeout "
+                                              r"\(RuntimeError: Timed out waiting 7000ms"):
+        with collective_errors(world, "the student pass"):
+            raise RuntimeError("Timed out waiting 7000ms for recv operation to complete")
+    with pytest.raises(ValueError, match="a shape error"):  # not a backend failure: left as it is
+        with collective_errors(world, "the student pass"):
+            raise ValueError("a shape error")

@@ -131,3 +131,12 @@ def test_balance_ranks_in_binarize():
         with pytest.raises(ValueError, match="balance_ranks must be a whole number >= 1 that divides the 4 KV"):
             pattern.binarize(balance_ranks=bad)
     assert json.dumps(pattern.binarize(balance_ranks=1).tolist()) == json.dumps(pattern.binarize().tolist())
+
+
+def test_a_model_without_tensor_parallelism_has_no_head_shard():
+    from duoattn.tensor_parallel import HeadShard, head_shard
+
+    assert head_shard(tiny_llama(num_layers=1)) is None
+    assert HeadShard(1, 2).kv_heads(8) == slice(4, 8)
+    with pytest.raises(ValueError, match="3 KV heads cannot be split over 2 tensor-parallel ranks"):
+        HeadShard(0, 2).kv_heads(3)
