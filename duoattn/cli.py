@@ -419,6 +419,9 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
                    help="weakest kept and strongest dropped heads considered for swaps (default 4)")
     v.add_argument("--min-per-layer", type=int, default=0,
                    help="retrieval heads every layer keeps at least, in the report and the refinement (default 0)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun with several processes (each sample split along the sequence): seconds a "
+                        "collective waits for the other ranks before the job stops with an error (default 600)")
 
 
 PRESET_FLAGS = ("steps", "min_len", "max_len", "num_passkeys", "passkey_words", "lr", "reg", "sink", "recent")
@@ -451,11 +454,13 @@ def run_identify(args: argparse.Namespace) -> None:
         refine_evals=args.refine_evals,
         refine_window=args.refine_window,
         min_per_layer=args.min_per_layer,
+        dist_timeout_s=args.dist_timeout,
         **given,
     )
     result = identify(config)
     seconds = result.pattern.metadata["train_seconds"]
-    print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
+    if result.written:
+        print(f"{result.pattern} written to {result.out} ({len(result.history)} steps, {seconds:.0f} s of training)")
     if result.validation is not None:
         print(validation_table(result.validation))
 
@@ -652,6 +657,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # loading (a pattern, a checkpoint, a model), whose messages name what was wrong.
         print(f"duoattn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .distributed import CollectiveError
+
+        if not isinstance(err, CollectiveError):
+            raise
+        print(f"duoattn {args.command}: error: {err}", file=sys.stderr)  # one rank of several stopped the job
+        return 1
     except KeyboardInterrupt:
         print(f"duoattn {args.command}: interrupted", file=sys.stderr)
         return 130

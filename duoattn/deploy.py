@@ -47,6 +47,7 @@ from .prefill import PrefillMode
 from .quant.kv import KV_BITS, KVQuantConfig
 from .reorder import HeadOrder, permute_heads
 from .roles import LayerRoles
+from .tensor_parallel import HeadShard, head_shard
 
 HANDLE_ATTR = "_duoattn_handle"
 _INSTANCE_ATTRS = ("generate", "get_compiled_call")
@@ -73,6 +74,8 @@ class DuoAttentionHandle:
         kernels: the kernels requested (``auto``: the fastest on the device).
         graphs: decode steps of ``generate`` on CUDA, replayed from CUDA graphs.
         prefill: how streaming heads attend while a prompt is prefilled (:mod:`duoattn.prefill`).
+        shard: tensor parallelism: the KV heads this rank holds (:mod:`duoattn.tensor_parallel`); ``order``,
+            ``layer_roles`` and the caches are this rank's, ``roles`` the whole model's.
     """
 
     model: PreTrainedModel
@@ -88,7 +91,14 @@ class DuoAttentionHandle:
     kernels: KernelChoice = field(default_factory=KernelChoice)
     graphs: DecodeGraphs | None = None
     prefill: PrefillMode = field(default_factory=PrefillMode)
+    shard: HeadShard | None = None
     _hooks: list[Any] = field(default_factory=list)
+
+    @property
+    def rank_roles(self) -> np.ndarray:
+        """Bool ``[num_layers, kv_heads of this rank]``: ``roles`` sliced to this rank's heads (all of them without
+        tensor parallelism), in the model's original order."""
+        return self.roles if self.shard is None else self.roles[:, self.shard.kv_heads(self.roles.shape[1])]
 
     @property
     def duo_layers(self) -> np.ndarray:
@@ -119,7 +129,8 @@ class DuoAttentionHandle:
 
     def expected_kv_bytes(self, max_len: int | torch.Tensor, batch_size: int = 1,
                           dtype: torch.dtype | None = None) -> int:
-        """Key + value bytes of a cache sized for ``max_len`` tokens (what ``cache.kv_bytes()`` reports).
+        """Key + value bytes of a cache sized for ``max_len`` tokens (what ``cache.kv_bytes()`` reports); under
+        tensor parallelism, this rank's cache.
 
         ``sum over DuoAttention layers of (n_retrieval * T * R + n_streaming * min(T, sink + recent) * S) * 2``,
         with ``S = head_dim * bytes`` one vector in the model dtype and ``R = S`` unquantised, else
@@ -130,11 +141,12 @@ class DuoAttentionHandle:
         elem = torch.empty((), dtype=dtype or self.model.dtype).element_size()
         head_dim = model_head_dim(text_config(self.model))
         full_vec = None if self.kv_quant is None else self.kv_quant.bytes_per_vector(head_dim, elem)
-        duo = self.roles[self.duo_layers]
+        roles = self.rank_roles
+        duo = roles[self.duo_layers]
         n_ret = int(duo.sum())
         total = split_kv_bytes(n_ret, int(duo.size - n_ret), tokens, self.sink, self.recent, head_dim, elem, full_vec,
                                batch_size)
-        local = sum(self.roles.shape[1] * min(tokens, w - 1) for w in self.sliding_windows if w is not None)
+        local = sum(roles.shape[1] * min(tokens, w - 1) for w in self.sliding_windows if w is not None)
         return total + batch_size * 2 * local * head_dim * elem
 
 
@@ -150,6 +162,7 @@ def enable_duo_attention(
     kernels: KernelChoice | None = None,
     cuda_graphs: bool = True,
     prefill: str | PrefillMode = "streaming",
+    balance_ranks: int | None = None,
 ) -> DuoAttentionHandle:
     """Switch ``model`` to DuoAttention in place; undo with :func:`disable_duo_attention`.
 
@@ -171,6 +184,11 @@ def enable_duo_attention(
             memory), ``"full"`` (every prompt query attends fully on every head; the streaming heads' middle tokens
             are freed once the prompt is in) or ``"window:N"`` (the last N prompt queries attend fully on every
             head). Decoding is the same in every mode; see :mod:`duoattn.prefill`.
+        balance_ranks: binarise so that, in every layer, each of this many groups of KV heads (the ranks of a
+            tensor-parallel model) holds the same number of retrieval heads (:meth:`HeadPattern.binarize`).
+
+    A tensor-parallel model (``from_pretrained(..., tp_plan="auto")`` under torchrun) is enabled on every rank with
+    the same arguments: each rank reorders and caches its own heads (:mod:`duoattn.tensor_parallel`).
     """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError("DuoAttention is already enabled on this model; disable it first")
@@ -185,7 +203,11 @@ def enable_duo_attention(
             f"{expected} ({cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads)"
         )
     windows = sliding_windows(cfg)
-    roles = pattern.binarize(sparsity=sparsity, layers=np.array([w is None for w in windows]))
+    roles = pattern.binarize(sparsity=sparsity, layers=np.array([w is None for w in windows]),
+                             balance_ranks=balance_ranks)
+    shard = head_shard(model)
+    heads = slice(None) if shard is None else shard.kv_heads(cfg.num_key_value_heads)
+    rank_roles = roles[:, heads]
     sink = check_int("sink", pattern.sink if sink is None else sink, 0)
     recent = check_int("recent", pattern.recent if recent is None else recent, 1)
     if prefill_chunk_size is not None:
@@ -197,21 +219,21 @@ def enable_duo_attention(
 
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     layer_roles: list[LayerRoles | None] = [
-        None if w is not None else LayerRoles(int(row.sum()), cfg.num_key_value_heads, groups, sink, recent, prefill)
-        for row, w in zip(roles, windows)
+        None if w is not None else LayerRoles(int(row.sum()), row.size, groups, sink, recent, prefill)
+        for row, w in zip(rank_roles, windows)
     ]
     register()
     previous = cfg._attn_implementation
     handle = DuoAttentionHandle(
-        model=model, roles=roles, order=HeadOrder.retrieval_first(roles), sink=sink, recent=recent,
+        model=model, roles=roles, order=HeadOrder.retrieval_first(rank_roles), sink=sink, recent=recent,
         prefill_chunk_size=prefill_chunk_size, layer_roles=layer_roles, previous_attn_implementation=previous,
         sliding_windows=windows, kv_quant=kv_quant, kernels=kernels or KernelChoice(),
-        graphs=DecodeGraphs(model, cache_kwarg(model), enabled=cuda_graphs), prefill=prefill,
+        graphs=DecodeGraphs(model, cache_kwarg(model), enabled=cuda_graphs), prefill=prefill, shard=shard,
     )
     for module, lr in zip(modules, layer_roles):  # refuse what cannot run before anything is changed
         if lr is None:
             _previous_attention(module, previous)
-    permute_heads(model, handle.order)
+    permute_heads(model, handle.order, 1 if shard is None else shard.size)
     setattr(model, HANDLE_ATTR, handle)
     try:
         for module, lr in zip(modules, layer_roles):
@@ -337,7 +359,7 @@ def disable_duo_attention(model: PreTrainedModel) -> None:
         delattr(cfg, LOCAL_MASK_ATTR)
     if handle.graphs is not None:
         handle.graphs.steps.clear()
-    permute_heads(model, handle.order.inverse())
+    permute_heads(model, handle.order.inverse(), 1 if handle.shard is None else handle.shard.size)
     delattr(model, HANDLE_ATTR)
 
 
@@ -354,10 +376,11 @@ def duo_attention(
     kernels: KernelChoice | None = None,
     cuda_graphs: bool = True,
     prefill: str | PrefillMode = "streaming",
+    balance_ranks: int | None = None,
 ) -> Iterator[DuoAttentionHandle]:
     """``with duo_attention(model, pattern, sparsity=0.5): model.generate(...)`` - see :func:`enable_duo_attention`."""
     handle = enable_duo_attention(model, pattern, sparsity, sink, recent, prefill_chunk_size, kv_bits, kv_group_size,
-                                  kernels, cuda_graphs, prefill)
+                                  kernels, cuda_graphs, prefill, balance_ranks)
     try:
         yield handle
     finally:

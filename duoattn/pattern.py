@@ -197,7 +197,7 @@ class HeadPattern:
     # ---------------------------------------------------------------------------------------- binarisation
     def binarize(
         self, sparsity: float | None = None, threshold: float | None = None, layers: Any = None,
-        min_per_layer: int = 0,
+        min_per_layer: int = 0, balance_ranks: int | None = None,
     ) -> np.ndarray:
         """Boolean roles ``[num_layers, num_kv_heads]``: True = retrieval (full cache), False = streaming.
 
@@ -213,6 +213,11 @@ class HeadPattern:
         ``min_per_layer=m`` keeps at least the ``m`` highest-gated heads of every selected layer as retrieval heads.
         With ``sparsity`` the number of retrieval heads stays the same: the per-layer heads come first and the rest
         of the budget goes to the highest gates of the other heads; a budget below ``m`` heads per layer is refused.
+
+        ``balance_ranks=N`` (tensor parallelism over N ranks, each holding a contiguous ``num_kv_heads / N`` of
+        every layer's KV heads): in every layer, each rank gets the same number of retrieval heads, so that no rank
+        waits for another at the layer's all-reduce. The count of retrieval heads that ``sparsity`` or
+        ``threshold`` gives is rounded to a multiple of N; :func:`balanced_roles` says which heads.
         """
         if sparsity is not None and threshold is not None:
             raise ValueError("give either sparsity or threshold, not both")
@@ -220,6 +225,18 @@ class HeadPattern:
                 0 <= min_per_layer <= self.num_kv_heads):
             raise ValueError(f"min_per_layer must be an integer in [0, {self.num_kv_heads}] (the KV heads of a "
                              f"layer), got {min_per_layer!r}")
+        if balance_ranks is not None and min_per_layer:
+            raise ValueError("give either balance_ranks or min_per_layer, not both")
+        if balance_ranks is not None:
+            ranks = int(balance_ranks)
+            if isinstance(balance_ranks, bool) or ranks != balance_ranks or ranks < 1 or self.gates.shape[1] % ranks:
+                raise ValueError(f"balance_ranks must be a whole number >= 1 that divides the {self.gates.shape[1]} "
+                                 f"KV heads of a layer, got {balance_ranks!r}")
+            plain = self.binarize(sparsity, threshold, layers)
+            selected = self._layer_mask(layers)
+            roles = np.ones(self.gates.shape, dtype=bool)
+            roles[selected] = balanced_roles(self.gates[selected], int(plain[selected].sum()), ranks)
+            return roles
         selected = self._layer_mask(layers)
         roles = np.ones(self.gates.shape, dtype=bool)
         gates = self.gates[selected]
@@ -274,3 +291,35 @@ class HeadPattern:
             f"HeadPattern(layers={self.num_layers}, kv_heads={self.num_kv_heads}, sink={self.sink}, "
             f"recent={self.recent}, mean_gate={self.gates.mean():.3f})"
         )
+
+
+def balanced_roles(gates: np.ndarray, num_retrieval: int, ranks: int) -> np.ndarray:
+    """Bool ``[layers, kv_heads]``: about ``num_retrieval`` retrieval heads (rounded to a multiple of ``ranks``)
+    such that, in every layer, each of the ``ranks`` contiguous groups of ``kv_heads / ranks`` heads holds the same
+    number of them.
+
+    Within a group, the heads with the highest gates are retrieval heads. A layer's ``d``-th retrieval head per
+    group is taken for all groups at once, so the choice is among units (layer, d) of ``ranks`` heads, worth the
+    sum of the ``d``-th highest gate of each group; the units with the highest worth are taken (their worth falls
+    with ``d``, so a layer's units are taken in order). This keeps the largest sum of gates that a balanced choice
+    can keep. Ties go to the earlier layer, then the smaller ``d``.
+    """
+    num_layers, num_heads = gates.shape
+    if num_heads % ranks:
+        raise ValueError(f"{num_heads} KV heads cannot be split over {ranks} ranks")
+    per = num_heads // ranks
+    units = int(math.floor(num_retrieval / ranks + 0.5))
+    # [layers, ranks, per]: each group's gates, highest first (stable: the earlier head first among equals)
+    grouped = gates.reshape(num_layers, ranks, per)
+    order = np.argsort(-grouped, axis=-1, kind="stable")
+    ranked = np.take_along_axis(grouped, order, axis=-1)
+    worth = ranked.sum(axis=1).reshape(-1)  # unit (layer, d) at index layer * per + d
+    index = np.arange(worth.size)
+    chosen_units = np.lexsort((index, -worth))[:units]
+    depth = np.zeros(num_layers, dtype=int)
+    for unit in chosen_units:
+        depth[unit // per] += 1
+    roles = np.zeros((num_layers, ranks, per), dtype=bool)
+    for layer in range(num_layers):
+        np.put_along_axis(roles[layer], order[layer][:, : depth[layer]], True, axis=-1)
+    return roles.reshape(num_layers, num_heads)

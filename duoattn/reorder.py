@@ -17,6 +17,7 @@ from torch import nn
 
 from .models import attention_modules, text_config
 from .models import head_dim as model_head_dim
+from .tensor_parallel import local
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def _permute_(param: nn.Parameter | None, index: torch.Tensor, dim: int) -> None
     if param is None:
         return
     with torch.no_grad():
+        param = local(param)  # tensor parallel: this rank's shard holds (and permutes) its own heads only
         param.copy_(param.index_select(dim, index.to(param.device)))  # same storage: ties and hooks stay valid
 
 
@@ -102,18 +104,21 @@ def _permute_module(module: nn.Module, perm: torch.Tensor, groups: int, head_dim
     _permute_(module.o_proj.weight, q_rows, 1)
 
 
-def permute_heads(model: nn.Module, order: HeadOrder) -> None:
+def permute_heads(model: nn.Module, order: HeadOrder, shards: int = 1) -> None:
     """Apply ``order`` to the model's attention weights in place (use ``order.inverse()`` to undo); layers whose
-    order is the identity are not touched."""
+    order is the identity are not touched. ``shards > 1``: a tensor-parallel model whose ranks each hold
+    ``1 / shards`` of the heads; ``order`` permutes this rank's heads, in its own shard of the weights."""
     cfg = text_config(model)
     modules = attention_modules(model)
     if len(order.perms) != len(modules):
         raise ValueError(f"head order has {len(order.perms)} layers, the model {len(modules)}")
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     head_dim = model_head_dim(cfg)
+    num_heads = cfg.num_key_value_heads // shards
     for idx, perm in enumerate(order.perms):
-        if len(perm) != cfg.num_key_value_heads:
-            raise ValueError(f"layer {idx}: permutation of {len(perm)} heads, the model has {cfg.num_key_value_heads}")
+        if len(perm) != num_heads:
+            raise ValueError(f"layer {idx}: permutation of {len(perm)} heads, the model has {num_heads}"
+                             + (f" per rank ({shards} ranks)" if shards > 1 else ""))
         if not torch.equal(torch.sort(perm).values, torch.arange(len(perm))):
             raise ValueError(f"layer {idx}: {perm.tolist()} is not a permutation")
     done: list[tuple[nn.Module, torch.Tensor]] = []

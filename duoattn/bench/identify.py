@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
 from tqdm import tqdm
 
 from ..checks import check_int
 from ..identify.gates import GateSet
 from ..identify.memory import CHECKPOINTING
 from ..identify.streaming import KERNELS
+from ..distributed import World, init_world, launched
 from ..identify.train import PRESETS, IdentifyConfig, train_gates
 from ..io import atomic_write_text, save_figure, write_json
 from ..models import default_device, sliding_windows
@@ -116,7 +118,8 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _measure(model: Any, config: IdentifyBenchConfig, length: int, dtype: str, device: torch.device) -> dict[str, Any]:
+def _measure(model: Any, config: IdentifyBenchConfig, length: int, dtype: str, device: torch.device,
+             world: World | None = None) -> dict[str, Any]:
     """Time ``warmup + steps`` steps of samples of ``length`` tokens and measure their peak memory."""
     from .tensor_memory import PeakTensorMemory
 
@@ -129,7 +132,8 @@ def _measure(model: Any, config: IdentifyBenchConfig, length: int, dtype: str, d
             ident = IdentifyConfig(out=tmp, steps=steps, min_len=length, max_len=length, sink=config.sink,
                                    recent=config.recent, dtype=dtype, device=device.type, save_every=steps,
                                    checkpointing=config.checkpointing, student_kernel=config.student_kernel)
-            return train_gates(model, sample_fn, ident, ident.settings(), Path(tmp) / "checkpoint", progress=False)
+            return train_gates(model, sample_fn, ident, ident.settings(), Path(tmp) / "checkpoint", progress=False,
+                               world=world)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,6 +142,8 @@ def _measure(model: Any, config: IdentifyBenchConfig, length: int, dtype: str, d
     result = run(total)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
+    elif world is not None:  # the counting mode cannot run SDPA's lower-right causal bias, which the ranks use
+        peak = None
     else:
         with PeakTensorMemory() as tracker:
             run(1)
@@ -148,7 +154,7 @@ def _measure(model: Any, config: IdentifyBenchConfig, length: int, dtype: str, d
         "status": "ok",
         "seconds_per_step": float(np.mean(timed)),
         "step_seconds": [round(s, 4) for s in seconds],
-        "peak_gib": round(peak / GIB, 3),
+        "peak_gib": None if peak is None else round(peak / GIB, 3),
         "kernel": result.kernel,
         "checkpointing": result.checkpointing,
         "kernel_fallback": result.fallback,
@@ -186,11 +192,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| sample length | student positions | seconds / step | peak memory | kernel | checkpointing |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        peak = f"{r['peak_gib']:.3g} GiB" if r.get("peak_gib") is not None else "-"
         if r["status"] == "ok":
             lines.append(f"| {_tokens(r['length'])} | {r['student_positions']} | {r['seconds_per_step']:.2f} | "
-                         f"{r['peak_gib']:.3g} GiB | {r['kernel']} | {'on' if r['checkpointing'] else 'off'} |")
+                         f"{peak} | {r['kernel']} | {'on' if r['checkpointing'] else 'off'} |")
         else:
-            peak = f"{r['peak_gib']:.3g} GiB" if r.get("peak_gib") is not None else "-"
             lines.append(f"| {_tokens(r['length'])} | {r['student_positions']} | {r['status']} | {peak} | | |")
     return "\n".join(lines)
 
@@ -204,7 +210,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((left, "seconds_per_step", "seconds / step"), (right, "peak_gib", "peak memory (GiB)")):
-        ax.plot([r["length"] for r in ok], [r[key] for r in ok], "o-")
+        shown = [r for r in ok if r[key] is not None]
+        ax.plot([r["length"] for r in shown], [r[key] for r in shown], "o-")
         for r in rows:
             if r["status"] != "ok":
                 ax.axvline(r["length"], color="tab:red", ls=":", lw=1)
@@ -224,14 +231,20 @@ def run_identify_bench(
 ) -> dict[str, Any]:
     """Measure every length of ``config``; write the outputs after each one (an interrupted run keeps what it has);
     return the report (also ``results.json``). ``model``: one already built with :func:`.shapes.build_random_model`
-    for ``config.shape`` on the device, in the dtype."""
-    device = torch.device(config.device or default_device())
+    for ``config.shape`` on the device, in the dtype.
+
+    Under ``torchrun --nproc-per-node N`` each sample is split along the sequence over the N ranks (every rank
+    builds the same random model); rank 0 writes the outputs, and peak memory is rank 0's."""
+    world = init_world(config.device) if launched() else None
+    device = torch.device(config.device or default_device()) if world is None else world.device
+    main = world is None or world.is_main
     dtype = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    write_json(out / "config.json", {"bench": {**asdict(config), "dtype": dtype}, "shape": SHAPES[config.shape],
-                                     "environment": env})
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"bench": {**asdict(config), "dtype": dtype}, "shape": SHAPES[config.shape],
+                                         "environment": env, "sequence_parallel": 1 if world is None else world.size})
     tic = time.perf_counter()
     if model is None:
         model = build_random_model(config.shape, device, DTYPES[dtype], seed=config.seed)
@@ -243,6 +256,7 @@ def run_identify_bench(
         return {"shape": config.shape, "dtype": dtype, "device": env.get("device_name"), "sink": config.sink,
                 "recent": config.recent, "loss_tokens": config.loss_tokens, "build_seconds": round(build_seconds, 1),
                 "elapsed_seconds": round(time.perf_counter() - tic, 1), "rows": rows,
+                "sequence_parallel": 1 if world is None else world.size,
                 "longest_ok": max((r["length"] for r in rows if r["status"] == "ok"), default=None),
                 "paper_preset_estimate": paper_estimate(rows)}
 
@@ -255,11 +269,15 @@ def run_identify_bench(
             estimate = last[1] * (length / last[0]) ** 1.5 * (config.warmup + config.steps)
             if time.perf_counter() - tic + estimate > config.time_budget_s:
                 stop = f"skipped: about {estimate:.0f} s would exceed the time budget of {config.time_budget_s:.0f} s"
+            if world is not None:  # rank 0's clock decides for all: every rank must run the same lengths
+                decision = [stop]
+                torch.distributed.broadcast_object_list(decision, src=0)
+                stop = decision[0]
         if stop is not None:
             row["status"] = stop
         else:
             try:
-                row.update(_measure(model, config, length, dtype, device))
+                row.update(_measure(model, config, length, dtype, device, world))
                 last = (length, row["seconds_per_step"])
             except torch.OutOfMemoryError:
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -269,8 +287,11 @@ def run_identify_bench(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-        write_json(out / "results.json", report())
+        if main:
+            write_json(out / "results.json", report())
     result = report()
+    if not main:
+        return result
     write_json(out / "results.json", result)
     atomic_write_text(out / "table.md", table(rows) + "\n")
     plot(rows, out / "identify.png", f"train_gates on {config.shape} ({dtype}, {env.get('device_name')})")

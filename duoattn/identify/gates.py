@@ -46,9 +46,10 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..kernels.attention import causal_attention
-from ..models import attention_modules, check_supported
+from ..models import attention_modules, check_supported, text_config
 from ..attention import duo_mask
 from ..deploy import HANDLE_ATTR
+from .parallel import SequenceShard, gather_sequence, halo
 from .streaming import blocked_streaming_attention, flex_streaming_attention, resolve_kernel
 
 GATED_ATTN = "duoattn_gated"
@@ -80,13 +81,14 @@ class GateSet:
         sink, recent: the streaming window of the student's heads.
         kernel: the student's streaming kernel, ``blocks`` or ``flex`` (:mod:`.streaming`); ``auto`` picks by device.
         student: False during the teacher pass, True during the student pass.
-        start: the first position the student pass computes.
+        start: the first position the student pass computes (over all processes).
+        shard: the slice of the sample this process holds (:mod:`.parallel`); None: the whole sample.
         teacher: per layer, the :class:`TeacherLayer` of the current sample.
     """
 
     def __init__(
         self, gates: torch.Tensor, num_query_heads: int, sink: int, recent: int,
-        windows: list[int | None] | None = None, kernel: str = "auto",
+        windows: list[int | None] | None = None, kernel: str = "auto", shard: SequenceShard | None = None,
     ):
         if gates.dim() != 2:
             raise ValueError(f"gates must have shape [num_layers, num_kv_heads], got {tuple(gates.shape)}")
@@ -105,8 +107,14 @@ class GateSet:
         self.gated_layers = torch.tensor([w is None for w in self.windows], device=gates.device)
         self.student = False
         self.start = 0
+        self.shard = shard
         self.recorded_for: int | None = None  # the student start the teacher pass recorded for (None: any)
         self.clear()
+
+    @property
+    def first(self) -> int:
+        """The first position this process computes in the current student pass."""
+        return self.start if self.shard is None else self.shard.first(self.start)
 
     def query_gates(self, layer: int) -> torch.Tensor:
         """``[Hq, 1]``: the gate of each query head of ``layer`` (that of its KV head)."""
@@ -150,6 +158,11 @@ def _keep(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 def _teacher(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              scale: float, softcap: float | None) -> torch.Tensor:
     sink, recent = gate_set.window(layer)
+    shard = gate_set.shard
+    offset = 0  # the position of the first query
+    if shard is not None:  # every earlier key: gathered from all ranks (positions 0..hi-1 are read)
+        offset = shard.lo
+        key, value = (gather_sequence(x, shard)[:, :, : shard.hi] for x in (key, value))
     if gate_set.windows[layer] is None:
         out = causal_attention(query, key, value, scale, softcap)
     else:  # a local layer: the last `window` keys, no sink
@@ -158,11 +171,14 @@ def _teacher(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tens
     out = out.transpose(1, 2)
     start = gate_set.recorded_for
     if start is None:  # keep everything: a student pass may start anywhere
+        if shard is not None:
+            raise RuntimeError("a sequence-parallel teacher pass records for one student start: pass start")
         record = TeacherLayer(out, 0, key[:, :, :sink], value[:, :, :sink], key, value, 0)
-    else:  # keep only what a student pass from `start` reads
-        lo, n_sink = max(0, start - recent + 1), min(sink, start)
-        full = out[:, start:].clone() if start else out
-        record = TeacherLayer(full, start, _keep(key, 0, n_sink), _keep(value, 0, n_sink),
+    else:  # keep only what a student pass from `start` reads: this process's queries from `first` on
+        first = start if shard is None else shard.first(start)
+        lo, n_sink = min(max(0, first - recent + 1), start), min(sink, start)
+        full = out[:, first - offset :].clone() if first > offset else out
+        record = TeacherLayer(full, first, _keep(key, 0, n_sink), _keep(value, 0, n_sink),
                               _keep(key, lo, start), _keep(value, lo, start), lo)
     gate_set.teacher[layer] = record
     return out
@@ -170,21 +186,24 @@ def _teacher(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tens
 
 def _windowed(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               scale: float, softcap: float | None) -> torch.Tensor:
-    """Sink + recent attention of the student's queries at ``start..T-1`` -> ``[B, C, Hq, D]``; the keys before
-    ``start`` come from the teacher."""
+    """Sink + recent attention of this process's student queries at ``first..first+C-1`` -> ``[B, C, Hq, D]``;
+    the keys before ``start`` come from the teacher, those in ``start..first-1`` from earlier ranks (the halo)."""
     sink, recent = gate_set.window(layer)
     record = gate_set.teacher[layer]
-    start = gate_set.start
-    # Sink keys: positions 0..min(sink, T)-1, from the teacher before `start`, from the student after it.
-    n_sink = min(sink, start + query.shape[-2])
+    start, first = gate_set.start, gate_set.first
+    key, value, have = halo(key, value, gate_set.shard, start, sink, recent)  # student keys from `have` on
+    # Sink keys: positions 0..min(sink, end)-1, from the teacher before `start`, from the student after it.
+    n_sink = min(sink, first + query.shape[-2])
     taken = min(n_sink, start)
-    k_sink = torch.cat([record.k_sink[:, :, :taken], key[:, :, : n_sink - taken]], dim=2)
-    v_sink = torch.cat([record.v_sink[:, :, :taken], value[:, :, : n_sink - taken]], dim=2)
-    # The run: every position a query's window can reach, lo..T-1.
-    lo = max(0, start - recent + 1)
-    a, b = lo - record.run_from, start - record.run_from
-    k_run = torch.cat([record.k_run[:, :, a:b], key], dim=2)
-    v_run = torch.cat([record.v_run[:, :, a:b], value], dim=2)
+    a, b = max(0, taken - have), max(0, n_sink - have)
+    k_sink = torch.cat([record.k_sink[:, :, :taken], key[:, :, a:b]], dim=2)
+    v_sink = torch.cat([record.v_sink[:, :, :taken], value[:, :, a:b]], dim=2)
+    # The run: every position a query's window can reach, lo..end-1.
+    lo = max(0, first - recent + 1)
+    a, b = min(lo, start) - record.run_from, start - record.run_from
+    own = max(lo, start) - have
+    k_run = torch.cat([record.k_run[:, :, a:b], key[:, :, own:]], dim=2)
+    v_run = torch.cat([record.v_run[:, :, a:b], value[:, :, own:]], dim=2)
     if gate_set.kernel == "flex":
         out = flex_streaming_attention(query, k_sink, v_sink, k_run, v_run, lo, recent, scale, softcap=softcap)
     else:
@@ -196,11 +215,12 @@ def _student(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tens
              scale: float, softcap: float | None) -> torch.Tensor:
     """Queries, keys and values at positions ``start..T-1``; earlier keys come from the teacher."""
     record = gate_set.teacher[layer]
-    start = gate_set.start
-    if record is None or record.full_from + record.full.shape[1] != start + query.shape[-2]:
-        raise RuntimeError(f"layer {layer}: run the teacher pass on the same input before the student pass")
+    start, first = gate_set.start, gate_set.first
     if gate_set.recorded_for not in (None, start):
         raise RuntimeError(f"the teacher pass recorded for a student start of {gate_set.recorded_for}, not {start}")
+    end = first + query.shape[-2]
+    if record is None or record.full_from > first or record.full_from + record.full.shape[1] != end:
+        raise RuntimeError(f"layer {layer}: run the teacher pass on the same input before the student pass")
     stream = _windowed(gate_set, layer, query, key, value, scale, softcap)
     if gate_set.windows[layer] is not None:  # a local layer keeps its window, ungated
         return stream
@@ -208,7 +228,7 @@ def _student(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tens
     # at least float32, so that a bfloat16 model does not round the gates to bfloat16 (which makes gates tie).
     dtype = torch.promote_types(stream.dtype, gate_set.gates.dtype)
     alpha = gate_set.query_gates(layer).to(dtype)
-    full = record.full[:, start - record.full_from :]
+    full = record.full[:, first - record.full_from :]
     mixed = torch.lerp(stream.to(dtype), full.to(dtype), alpha)
     return mixed.to(query.dtype)
 
@@ -241,12 +261,23 @@ def teacher_forward(
     """Full attention over ``ids [1, T]`` without autograd; returns the final normalised hidden states
     ``[1, T, hidden]`` and records what :func:`student_forward` needs: for a student pass from ``start`` only
     (the attention outputs from ``start`` on, the sink keys and the ``recent - 1`` keys before ``start``), or,
-    with ``start=None``, everything (a student pass may then start anywhere)."""
+    with ``start=None``, everything (a student pass may then start anywhere).
+
+    With a :class:`~.parallel.SequenceShard` in ``gate_set`` (every rank calls this with the same ``ids``), the
+    model runs on this rank's positions ``lo..hi-1`` only and the result is ``[1, hi - lo, hidden]``.
+    """
     gate_set.clear()
     gate_set.student = False
     gate_set.recorded_for = start
+    shard = gate_set.shard
     with torch.no_grad():
-        return model.base_model(ids, use_cache=False).last_hidden_state
+        if shard is None:
+            return model.base_model(ids, use_cache=False).last_hidden_state
+        if shard.bounds[-1] != ids.shape[1]:
+            raise ValueError(f"the shard splits {shard.bounds[-1]} positions, the sample has {ids.shape[1]}")
+        positions = torch.arange(shard.lo, shard.hi, device=ids.device)[None]
+        return model.base_model(ids[:, shard.lo : shard.hi], position_ids=positions,
+                                use_cache=False).last_hidden_state
 
 
 def student_forward(
@@ -257,6 +288,9 @@ def student_forward(
     They are exact (equal to a pass over the whole sequence, gradient included) from ``exact_from`` on (default
     ``start``); ``start`` may be at most :meth:`GateSet.student_start` of ``exact_from``. Run
     :func:`teacher_forward` on the same ``ids`` first.
+
+    Sequence parallel (a shard in ``gate_set``): the hidden states at this rank's positions ``first..hi-1``
+    (:meth:`~.parallel.SequenceShard.first`), ``[1, 0, hidden]`` on a rank whose slice ends before ``start``.
     """
     exact_from = start if exact_from is None else exact_from
     length = ids.shape[1]
@@ -265,9 +299,13 @@ def student_forward(
     latest = min(gate_set.student_start(exact_from), length - 1)
     if not 0 <= start <= latest:
         raise ValueError(f"start must be in [0, {latest}] for outputs exact from position {exact_from}, got {start}")
-    positions = torch.arange(start, length, device=ids.device)[None]
+    shard = gate_set.shard
+    first, end = (start, length) if shard is None else (shard.first(start), shard.hi)
+    if first == end:  # this rank holds no student position
+        return torch.zeros(1, 0, text_config(model).hidden_size, device=ids.device)
+    positions = torch.arange(first, end, device=ids.device)[None]
     with gate_set.student_pass(start):
-        return model.base_model(ids[:, start:], position_ids=positions, use_cache=False).last_hidden_state
+        return model.base_model(ids[:, first:end], position_ids=positions, use_cache=False).last_hidden_state
 
 
 def register() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,6 +30,7 @@ from .. import __version__
 from ..checks import UsageError, check_file, check_output_dir
 from ..data.haystack import load_essays, load_text_files
 from ..data.passkeys import PasskeyConfig, PasskeyDataset
+from ..distributed import World, init_world, launched
 from ..io import atomic_write_bytes, replace_directory
 from ..models import EMBEDDED_NAME, check_context, check_supported, load_model, model_config, sliding_windows, text_config
 from ..pattern import CONFIG_FILE, GATES_FILE, HeadPattern
@@ -49,14 +51,17 @@ SELECTION_FILE = "selection.json"
 
 @dataclass
 class IdentifyResult:
-    """The written pattern (refined gates when selection ran), the training history, the validation report
-    (``validation.json``) and the selection record (``selection.json``), None when they did not run."""
+    """The written pattern (refined gates when selection ran), the training history, the output directory, the
+    validation report (``validation.json``) and the selection record (``selection.json``), None when they did not
+    run. ``written``: False on the ranks other than 0 of a sequence-parallel run, which write nothing (and skip the
+    validation, which rank 0 runs on whole samples)."""
 
     pattern: HeadPattern
     history: list[dict[str, Any]]
     out: Path
     validation: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
+    written: bool = True
 
 
 PATTERN_FILES = (GATES_FILE, CONFIG_FILE)
@@ -112,12 +117,20 @@ def identify(
     tokenizer: PreTrainedTokenizerBase | None = None,
     progress: bool = True,
 ) -> IdentifyResult:
-    """Identify retrieval heads; see :class:`IdentifyConfig`. ``model`` / ``tokenizer`` override ``config.model``."""
+    """Identify retrieval heads; see :class:`IdentifyConfig`. ``model`` / ``tokenizer`` override ``config.model``.
+
+    Started by ``torchrun --nproc-per-node N`` (or in a process group of several), every rank runs this with the
+    same config: each sample is split along the sequence over the ranks, each rank computes on its own device
+    (``cuda:LOCAL_RANK`` for ``cuda``), and rank 0 alone writes the checkpoints and the output directory.
+    """
     out = Path(config.out)
     check_inputs(config, model is not None)
     text = load_haystack(config.haystack)  # read (and checked) before the model is loaded
+    world: World | None = init_world(config.device, config.dist_timeout_s) if launched() else None
+    main = world is None or world.is_main
     if model is None:
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        device = config.device if world is None else str(world.device)
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
         model_name = config.model or EMBEDDED_NAME
     else:
         if tokenizer is None:
@@ -143,13 +156,15 @@ def identify(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "haystack_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
-    if config.overwrite:  # everything is checked: the old run's checkpoint must not be resumed into this one
+    if config.overwrite and main:  # everything is checked: the old run's checkpoint must not be resumed into this one
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    if world is not None:  # no rank looks for a checkpoint before rank 0 has removed the old one
+        dist.barrier()
     with _deterministic(device):
-        result = train_gates(model, dataset.sample, config, settings, out / CHECKPOINT_DIR, progress)
+        result = train_gates(model, dataset.sample, config, settings, out / CHECKPOINT_DIR, progress, world)
         trained = result.gates.double().numpy()
         validation = selection = None
-        if val_dataset is not None:
+        if val_dataset is not None and main:  # whole samples on one process: the other ranks are done
             validation, selection = _validate(model, val_dataset, trained, config, progress)
     gates = trained if selection is None else np.asarray(selection["gates"])
 
@@ -163,6 +178,7 @@ def identify(
         "save_every": config.save_every,
         "student_kernel": result.kernel,
         "checkpointing": result.checkpointing,
+        "sequence_parallel": 1 if world is None else world.size,
         "train_seconds": round(sum(r["seconds"] for r in history), 1),
         "validation": None if validation is None else {
             **config.validation_settings(), "seconds": validation["seconds"],
@@ -187,6 +203,8 @@ def identify(
         if selection is not None:
             _write_json(new / SELECTION_FILE, selection)
 
+    if not main:  # rank 0 writes the outputs
+        return IdentifyResult(pattern, history, out, written=False)
     # The checkpoint comes along (a finished run can be resumed with more steps); with --overwrite nothing else of
     # the old directory does, with --resume everything the run did not write itself (a README) does.
     replace_directory(out, fill, keep=lambda name: name == CHECKPOINT_DIR or (config.resume and name not in OUTPUTS

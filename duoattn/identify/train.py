@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
@@ -34,7 +35,9 @@ from ..checks import UsageError, check_device, check_dtype, check_int
 from ..data.passkeys import PasskeyConfig
 from ..models import head_dim, sliding_windows, text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
+from ..distributed import DEFAULT_TIMEOUT_S, World, collective_errors
 from .gates import GateSet, gated_attention, student_forward, teacher_forward
+from .parallel import SequenceShard, touch
 from .memory import CHECKPOINTING, checkpointed_layers, resolve_checkpointing
 from .schedule import lr_factor
 from .streaming import KERNELS, check_flex, resolve_kernel
@@ -96,6 +99,8 @@ class IdentifyConfig:
         refine_evals: the most swaps tried per refined budget. refine_window: candidates on each side of the
             boundary (the weakest kept and the strongest dropped heads).
         min_per_layer: retrieval heads every layer keeps at least, in the report and the refinement.
+        dist_timeout_s: under ``torchrun`` with several processes (sequence parallelism), the seconds a collective
+            waits for the other ranks before the job stops with an error.
     """
 
     out: str
@@ -129,6 +134,7 @@ class IdentifyConfig:
     refine_evals: int = 24
     refine_window: int = 4
     min_per_layer: int = 0
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S
     passkeys: PasskeyConfig = field(init=False, repr=False)
 
     @classmethod
@@ -170,6 +176,9 @@ class IdentifyConfig:
                     f"{self.sink + self.recent}: shorter samples fit the streaming window whole and teach the gates "
                     "nothing"
                 )
+        if not (isinstance(self.dist_timeout_s, (int, float)) and math.isfinite(self.dist_timeout_s)
+                and self.dist_timeout_s > 0):
+            raise ValueError(f"dist_timeout_s must be a number of seconds > 0, got {self.dist_timeout_s!r}")
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.student_kernel not in KERNELS:
@@ -208,7 +217,7 @@ class IdentifyConfig:
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the result, JSON-ready (a resume must match them)."""
         skip = {"out", "resume", "overwrite", "save_every", "passkeys", "fit_context", "fit_min_len",
-                "checkpointing", "student_kernel", *VALIDATION_SETTINGS}
+                "checkpointing", "student_kernel", "dist_timeout_s", *VALIDATION_SETTINGS}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         values["haystack"] = list(self.haystack)
         values["min_depth"], values["max_depth"] = self.passkeys.min_depth, self.passkeys.max_depth
@@ -253,9 +262,12 @@ class TrainResult:
 
 
 def _step(
-    model: PreTrainedModel, gate_set: GateSet, optimizer: torch.optim.Optimizer, sample: Sample, reg: float
+    model: PreTrainedModel, gate_set: GateSet, optimizer: torch.optim.Optimizer, sample: Sample, reg: float,
+    world: World | None = None,
 ) -> dict[str, float]:
     """One optimisation step on one sample: teacher pass, student pass, backward, AdamW, clamp."""
+    if world is not None and world.size > 1:
+        return _parallel_step(model, gate_set, optimizer, sample, reg, world)
     device = gate_set.gates.device
     ids = sample.input_ids.to(device)[None]
     positions = sample.loss_positions.to(device)
@@ -274,6 +286,50 @@ def _step(
         gate_set.gates.clamp_(0.0, 1.0)
     gate_set.clear()
     return {"loss": loss.item(), "distill": distill.item(), "reg": penalty.item()}
+
+
+def _parallel_step(
+    model: PreTrainedModel, gate_set: GateSet, optimizer: torch.optim.Optimizer, sample: Sample, reg: float,
+    world: World,
+) -> dict[str, float]:
+    """:func:`_step` with the sample split along the sequence over ``world`` (:mod:`.parallel`).
+
+    Each rank's loss is its share of the whole: the squared errors at its own loss positions divided by the count
+    over all ranks, and the regulariser on rank 0 only, so that the sum of the ranks' gate gradients (all-reduced)
+    is the gradient of one process. Every rank then takes the same AdamW step."""
+    device = gate_set.gates.device
+    ids = sample.input_ids.to(device)[None]
+    positions = sample.loss_positions.to(device)
+    shard = SequenceShard.split(ids.shape[1], world.rank, world.size, world.group)
+    gate_set.shard = shard
+    first_loss = int(positions.min())
+    start = gate_set.student_start(first_loss)
+    first = shard.first(start)
+    mine = positions[(positions >= shard.lo) & (positions < shard.hi)]
+    with collective_errors(world, "the teacher pass"):
+        target = teacher_forward(model, gate_set, ids, start)[0, mine - shard.lo].float()
+    with collective_errors(world, "the student pass"):
+        states = student_forward(model, gate_set, ids, start, exact_from=first_loss)
+    hidden = states[0, mine - first].float()
+    count = positions.numel() * hidden.shape[-1]
+    distill = (hidden - target).pow(2).sum() / count
+    penalty = gate_set.gates[gate_set.gated_layers].abs().mean()
+    loss = touch(distill + (reg * penalty if world.is_main else 0.0), states)
+    optimizer.zero_grad(set_to_none=False)
+    with collective_errors(world, "the backward pass"):
+        if loss.requires_grad:
+            loss.backward()
+        grad = gate_set.gates.grad if gate_set.gates.grad is not None else torch.zeros_like(gate_set.gates)
+        terms = torch.stack([distill.detach().double(), loss.detach().double()]).to(device)
+        dist.all_reduce(grad, group=world.group)
+        dist.broadcast(grad, 0, group=world.group)  # bit-identical gradients, so the gates stay identical
+        dist.all_reduce(terms, group=world.group)
+    gate_set.gates.grad = grad
+    optimizer.step()
+    with torch.no_grad():
+        gate_set.gates.clamp_(0.0, 1.0)
+    gate_set.clear()
+    return {"loss": terms[1].item(), "distill": terms[0].item(), "reg": penalty.item()}
 
 
 def _student_kernel(model: PreTrainedModel, config: IdentifyConfig, device: torch.device) -> tuple[str, str | None]:
@@ -299,12 +355,19 @@ def train_gates(
     settings: dict[str, Any],
     checkpoint_dir: Path,
     progress: bool = True,
+    world: World | None = None,
 ) -> TrainResult:
     """Optimise the gates of ``model`` for ``config.steps`` steps; step ``k`` trains on ``sample_fn(k)``.
 
     ``settings`` is stored in every checkpoint; resuming (``config.resume``) from a checkpoint with other settings
     is refused. The model's parameters are frozen for the run and restored afterwards.
+
+    With a ``world`` of several processes (every rank calls this with the same arguments), each sample is split
+    along the sequence over the ranks (:mod:`.parallel`); rank 0 writes the checkpoints and shows progress, and
+    every rank returns the same gates.
     """
+    parallel = world is not None and world.size > 1
+    main = not parallel or world.is_main
     cfg = text_config(model)
     device = next(model.parameters()).device
     gates = nn.Parameter(torch.ones(cfg.num_hidden_layers, cfg.num_key_value_heads, device=device))
@@ -319,7 +382,7 @@ def train_gates(
     gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent, sliding_windows(cfg), kernel)
     gated = gate_set.gated_layers
     recompute = resolve_checkpointing(config.checkpointing, device)
-    bar = tqdm(total=config.steps, initial=start, desc="identify", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, initial=start, desc="identify", unit="step", disable=not (progress and main))
     try:
         with gated_attention(model, gate_set), (
             checkpointed_layers(model, gate_set) if recompute else contextlib.nullcontext()
@@ -330,18 +393,19 @@ def train_gates(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 sample = sample_fn(step)
-                record = {"step": step + 1, **_step(model, gate_set, optimizer, sample, config.reg)}
+                record = {"step": step + 1, **_step(model, gate_set, optimizer, sample, config.reg, world)}
                 record.update(mean_gate=gates[gated].mean().item(), lr=lr, length=int(sample.input_ids.numel()))
                 record["seconds"] = time.perf_counter() - tic
                 history.append(record)
                 bar.update()
                 bar.set_postfix(loss=f"{record['distill']:.3g}", reg=f"{config.reg * record['reg']:.3g}",
                                 gate=f"{record['mean_gate']:.3f}")
-                if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                if main and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
                     state = optimizer.state_dict()["state"]
                     save_checkpoint(checkpoint_dir, Checkpoint(step + 1, settings, history, gates, state))
     finally:
         bar.close()
+        gate_set.shard = None
         for param, flag in zip(model.parameters(), requires_grad):
             param.requires_grad_(flag)
         model.train(was_training)
