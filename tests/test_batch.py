@@ -242,3 +242,55 @@ def test_scheduler_decodes_all_requests_in_one_forward(model):
                 torch.testing.assert_close(got, want[len(seq.prompt) + 1].float(), rtol=1e-4, atol=1e-4)
     finally:
         loop.close()
+
+
+def test_scheduler_switches_between_batched_and_per_request_steps(model):
+    """Up to ``sequential_max`` decoding requests take one batch-1 step each (on a GPU: each replays its cache's
+    CUDA graph); more take one batched step. Switching either way keeps every request's clock right."""
+    from duoattn.serve.metrics import ServerMetrics
+    from duoattn.serve.sampling import SamplingParams
+    from duoattn.serve.scheduler import Scheduler, Sequence
+
+    gen = torch.Generator().manual_seed(5)
+    full = [torch.randint(0, 97, (1, n + 4), generator=gen).to(DEVICE) for n in (6, 30, 45)]
+    expected = [reference_logits(model, PATTERN, x)[0] for x in full]
+    loop = asyncio.new_event_loop()
+    try:
+        with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
+            sched = Scheduler(model, handle, set(), 64, ServerMetrics(), cuda_graphs=False)
+            assert sched.sequential_max == 0  # no graphs to replay: always batched
+            shapes = []
+            forward = sched.decode_forward
+
+            def spy(**kwargs):
+                shapes.append(tuple(kwargs["input_ids"].shape))
+                return forward(**kwargs)
+
+            sched.decode_forward = spy
+            seqs = []
+            for x in full:
+                n = x.shape[1] - 4
+                seq = Sequence(x[0, :n].tolist(), SamplingParams(max_tokens=8, temperature=0.0), 0, loop,
+                               lambda _: None)
+                seq.cache = sched.new_cache(n + 8, batch_size=1)
+                model(x[:, :n], cache=seq.cache, use_cache=True)
+                seq.prefilled, seq.generated = n, [int(x[0, n])]
+                seqs.append(seq)
+
+            def step(expect_shapes):
+                shapes.clear()
+                logits = sched.decode(seqs)
+                assert shapes == expect_shapes
+                for seq, x, want, got in zip(seqs, full, expected, logits):
+                    pos = len(seq.prompt) + len(seq.generated) - 1
+                    torch.testing.assert_close(got, want[pos].float(), rtol=1e-4, atol=1e-4)
+                    seq.generated.append(int(x[0, pos + 1]))
+
+            step([(3, 1)])
+            sched.sequential_max = 3
+            step([(1, 1)] * 3)
+            assert sched._batch is None
+            sched.sequential_max = 0
+            step([(3, 1)])
+    finally:
+        loop.close()

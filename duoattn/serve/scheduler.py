@@ -80,6 +80,9 @@ _WAKE = object()
 _STOP = object()
 
 
+SEQUENTIAL_MAX_WITH_GRAPHS = 4
+
+
 class Scheduler:
     """Runs every request on one worker thread; :meth:`submit` and :meth:`cancel` are called from the event loop."""
 
@@ -100,6 +103,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         # One decode forward for all decoding requests, unless a layer keeps transformers' own cache.
         self.batched = all(r is not None for r in handle.layer_roles)
+        # The batched forward runs eagerly, a batch-1 step replays its cache's CUDA graph. On an H200 with the
+        # Llama-3-8B shape (docs/benchmarks.md) an eager batched step took 34-47 ms at 32K (batch 1 or 16), a
+        # replayed batch-1 step 9-12 ms at 128K: up to this many requests, one replayed step each is faster.
+        self.sequential_max = SEQUENTIAL_MAX_WITH_GRAPHS if graphs is not None else 0
         self._batch: BatchCache | None = None
         self._batch_seqs: tuple[Sequence, ...] = ()
         self.peak_running = 0  # most requests ever running at once (a diagnostic)
@@ -196,7 +203,9 @@ class Scheduler:
         """
         if not seqs:
             return []
-        if not self.batched:
+        if not self.batched or len(seqs) <= self.sequential_max:
+            if self._batch is not None:  # a request's own step must not run while a view holds its rows
+                self._drop_batch()
             return [self._decode_one(seq) for seq in seqs]
         try:
             view = self._batch_of(seqs)
