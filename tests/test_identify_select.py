@@ -275,3 +275,33 @@ def test_validation_accuracy_is_greedy_exact_match_on_the_deployment_path(smol):
 
     assert validator.full.correct == (greedy(False),)
     assert validator.evaluate(roles).correct == (greedy(True),)
+
+
+def test_validation_token_accuracy_counts_answer_tokens_by_hand(smol):
+    """Token accuracy: answer tokens that are the argmax of the model's own logits one position earlier, counted
+    here from ``model(ids).logits`` (full attention, and under duo_attention for a binarised pattern)."""
+    from duoattn.data.haystack import load_essays
+    from duoattn.deploy import duo_attention
+
+    model, tokenizer = smol
+    dataset = PasskeyDataset(tokenizer, load_essays(), PasskeyConfig(2, 4, 560, 560), seed=5)
+    sample = dataset.sample(0)
+    sink, recent = 16, 64
+    validator = Validator(model, [sample], sink, recent, progress=False)
+    roles = HeadPattern.from_pretrained("SmolLM2-135M-Instruct").binarize(sparsity=0.75)
+    total = sum(b - a for a, b in sample.answer_spans)
+
+    def by_hand(duo: bool) -> float:
+        with torch.no_grad():
+            if duo:
+                with duo_attention(model, HeadPattern(roles.astype(float), sink=sink, recent=recent)):
+                    logits = model(sample.input_ids[None]).logits[0]
+            else:
+                logits = model(sample.input_ids[None]).logits[0]
+        right = sum(int((logits[a - 1 : b - 1].argmax(-1) == sample.input_ids[a:b]).sum())
+                    for a, b in sample.answer_spans)
+        return right / total
+
+    assert validator.full.token_accuracy == pytest.approx(by_hand(False))
+    assert validator.evaluate(roles).token_accuracy == pytest.approx(by_hand(True))
+    assert 0 < validator.full.token_accuracy <= 1

@@ -62,7 +62,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str) -> N
 
 
 def plot_validation(report: dict[str, Any], path: Path, title: str) -> None:
-    """Validation loss (log scale, left) and passkey accuracy (right) of the binarised pattern per budget, for the
+    """Validation loss (log scale, left) and passkey accuracy, exact and per answer token (right), of the binarised pattern per budget, for the
     trained gates and, when there are any, the selected (refined) ones; full attention's accuracy as a line."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, style in (("trained", "o-"), ("selected", "s--")):
@@ -71,11 +71,15 @@ def plot_validation(report: dict[str, Any], path: Path, title: str) -> None:
             continue
         x = [100 * r["budget"] for r in rows]
         left.plot(x, [max(r["loss"], 1e-12) for r in rows], style, label=f"{name} gates")
-        right.plot(x, [r["accuracy"] for r in rows], style, label=f"{name} gates")
-    right.axhline(report["full_accuracy"], color="tab:gray", linestyle=":", label="full attention")
+        right.plot(x, [r["accuracy"] for r in rows], style, label=f"{name} gates: exact")
+        right.plot(x, [r.get("token_accuracy", float("nan")) for r in rows], style, alpha=0.5,
+                   label=f"{name} gates: answer tokens")
+    right.axhline(report["full_accuracy"], color="tab:gray", linestyle=":", label="full attention: exact")
+    if "full_token_accuracy" in report:
+        right.axhline(report["full_token_accuracy"], color="tab:gray", linestyle="--", label="full attention: tokens")
     left.set_yscale("log")
     left.set_ylabel("distillation MSE (binarised)")
-    right.set_ylabel("passkeys answered exactly")
+    right.set_ylabel("passkey accuracy (exact / per answer token)")
     right.set_ylim(-0.02, 1.02)
     for ax in (left, right):
         ax.set_xlabel("retrieval heads (% of KV heads)")

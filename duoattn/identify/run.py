@@ -252,6 +252,7 @@ def _validate(model: PreTrainedModel, dataset: PasskeyDataset, trained: np.ndarr
         "samples": [{"index": i, "length": s.length, "seed": config.validation_seed, "passkeys": len(s.passkeys)}
                     for i, s in enumerate(samples)],
         "full_accuracy": validator.full.accuracy,
+        "full_token_accuracy": validator.full.token_accuracy,
         "trained": budget_report(validator, trained, config.budgets, config.min_per_layer, progress),
         "selected": None,
     }
