@@ -10,6 +10,7 @@ import math
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, tiny_llama
@@ -327,3 +328,20 @@ def test_bench_identify_on_the_tiny_shape(tmp_path, capsys):
     assert config["bench"]["lengths"] == [300, 700] and config["shape"]["num_hidden_layers"] == 2
     assert (out / "identify.png").read_bytes().startswith(b"\x89PNG") and "| 700 |" in (out / "table.md").read_text()
     assert code == 0 and main(["bench-identify", "--shape", "nope", "--out", str(out)]) == 2
+
+
+def test_paper_estimate_interpolates_measured_rows_and_needs_the_range():
+    """Hours of 2000 steps of uniform 1000-32000 tokens, from rows at 4K and 32K: a hand computation of the mean of
+    the linear interpolation (flat below 4K); rows that do not cover the range give no estimate."""
+    from duoattn.bench.identify import paper_estimate
+
+    def row(length, seconds):
+        return {"length": length, "seconds_per_step": seconds, "status": "ok"}
+
+    got = paper_estimate([row(4096, 1.0), row(32768, 3.0)], max_len=32000)
+    grid = np.linspace(1000, 32000, 256)
+    by_hand = np.where(grid <= 4096, 1.0, 1.0 + 2.0 * (grid - 4096) / (32768 - 4096)).mean()
+    assert got["mean_seconds_per_step"] == pytest.approx(by_hand, abs=1e-3)
+    assert got["hours"] == pytest.approx(by_hand * 2000 / 3600, abs=0.01)
+    assert paper_estimate([row(262144, 42.9)], max_len=32000) is None  # one row far beyond the range
+    assert paper_estimate([row(4096, 1.0), row(16384, 2.0)], max_len=32000) is None  # short of 32K

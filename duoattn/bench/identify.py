@@ -173,9 +173,10 @@ def student_positions(config: IdentifyBenchConfig, length: int) -> int:
 def paper_estimate(rows: list[dict[str, Any]], max_len: int = PAPER["max_len"]) -> dict[str, Any] | None:
     """Hours of a paper-preset run (``steps`` samples of uniform length in ``[min_len, max_len]``) from the measured
     seconds per step, interpolated linearly in the length (held at the end values outside the measured range), or
-    None unless the measured lengths reach ``max_len``."""
+    None unless the measured lengths reach ``max_len`` and go down to at most half of it (a row far beyond the
+    range alone says nothing about the steps inside it)."""
     ok = sorted((r["length"], r["seconds_per_step"]) for r in rows if r["status"] == "ok")
-    if not ok or ok[-1][0] < max_len:
+    if not ok or ok[-1][0] < max_len or ok[0][0] > max_len // 2:
         return None
     grid = np.linspace(PAPER["min_len"], max_len, 256)
     mean = float(np.interp(grid, [x for x, _ in ok], [y for _, y in ok]).mean())
