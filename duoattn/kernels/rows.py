@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..quant.kv import QuantizedKV
@@ -138,33 +139,36 @@ class DecodeRows:
             self.base = first.full_k if first.full_k is not None else first.ring_k
         kinds = 6 if self.quantized else 2
         hkv = self.n_ret + self.n_str
-        table = [[[0] * hkv for _ in range(self.batch)] for _ in range(kinds)]
+        # Vectorised over each member's rows and heads: a membership change of a large batch (a server's requests
+        # coming and going) costs a few array operations per member and layer, not a Python step per head.
+        table = np.zeros((kinds, self.batch, hkv), dtype=np.int64)
 
-        def offset(t: torch.Tensor, base: torch.Tensor, r: int, h: int) -> int:
+        def offsets(t: torch.Tensor, base: torch.Tensor, rows: int, heads: int) -> np.ndarray:
             delta = t.data_ptr() - base.data_ptr()
             if t.element_size() != base.element_size() or delta % t.element_size():
                 raise ValueError("storage of the members is not aligned to its element size")
-            return delta // t.element_size() + r * t.stride(0) + h * t.stride(1)
+            return (delta // t.element_size() + np.arange(rows, dtype=np.int64)[:, None] * t.stride(0)
+                    + np.arange(heads, dtype=np.int64)[None, :] * t.stride(1))
 
         row = 0
         for m in self.members:
-            for r in range(m.batch):
-                for h in range(self.n_ret):
-                    if self.quantized:
-                        table[0][row][h] = offset(m.full_k.data, self.codes, r, h)
-                        table[1][row][h] = offset(m.full_v.data, self.codes, r, h)
-                        for kind, t in enumerate((m.full_k.scale, m.full_k.zero, m.full_v.scale, m.full_v.zero), 2):
-                            table[kind][row][h] = offset(t, self.base, r, h)
-                    else:
-                        table[0][row][h] = offset(m.full_k, self.base, r, h)
-                        table[1][row][h] = offset(m.full_v, self.base, r, h)
-                for h in range(self.n_str):
-                    table[0][row][self.n_ret + h] = offset(m.ring_k, self.base, r, h)
-                    table[1][row][self.n_ret + h] = offset(m.ring_v, self.base, r, h)
-                row += 1
-        self.aligned = all(x % ALIGN == 0 for kind in table[:2] for r in kind for x in r)
+            rows, end = m.batch, row + m.batch
+            if self.n_ret:
+                if self.quantized:
+                    table[0, row:end, :self.n_ret] = offsets(m.full_k.data, self.codes, rows, self.n_ret)
+                    table[1, row:end, :self.n_ret] = offsets(m.full_v.data, self.codes, rows, self.n_ret)
+                    for kind, t in enumerate((m.full_k.scale, m.full_k.zero, m.full_v.scale, m.full_v.zero), 2):
+                        table[kind, row:end, :self.n_ret] = offsets(t, self.base, rows, self.n_ret)
+                else:
+                    table[0, row:end, :self.n_ret] = offsets(m.full_k, self.base, rows, self.n_ret)
+                    table[1, row:end, :self.n_ret] = offsets(m.full_v, self.base, rows, self.n_ret)
+            if self.n_str:
+                table[0, row:end, self.n_ret:] = offsets(m.ring_k, self.base, rows, self.n_str)
+                table[1, row:end, self.n_ret:] = offsets(m.ring_v, self.base, rows, self.n_str)
+            row = end
+        self.aligned = bool((table[:2] % ALIGN == 0).all())
         with torch.inference_mode(False):  # built under no_grad / inference, read by later steps
-            self.offsets = torch.tensor(table, dtype=torch.int64, device=self.device)
+            self.offsets = torch.from_numpy(table).to(self.device)
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(offsets, base, codes)`` for the kernels."""
