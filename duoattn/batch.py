@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from .cache import CacheState, DuoCache, DuoLayer, DuoStates
+from .cache import CacheState, DuoCache, DuoLayer, DuoStates, PreallocatedLayer
 from .kernels import dispatch
 from .kernels.rows import DecodeRows
 
@@ -64,7 +64,7 @@ class BatchState:
         self.lengths.add_(1)
 
 
-class BatchLayer(CacheLayerMixin):
+class BatchLayer(PreallocatedLayer):
     """One DuoAttention layer of a :class:`BatchCache`: the members' storage of that layer as decode rows."""
 
     is_compileable = False
@@ -106,15 +106,6 @@ class BatchLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> torch.Tensor:
         return self.state.lengths  # one length per row, on the device
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.state.max_len, 0
-
-    def get_max_length(self) -> int:
-        return self.state.max_len
-
-    def get_max_cache_shape(self) -> int:
-        return self.state.max_len
 
     def reset(self) -> None:
         raise NotImplementedError("a batch view cannot be reset: reset its member caches and build a new view")

@@ -141,7 +141,21 @@ class CacheState:
         return self._copy_stream
 
 
-class DuoLayer(CacheLayerMixin):
+class PreallocatedLayer(CacheLayerMixin):
+    """A cache layer sized once to ``self.state.max_len`` tokens per row (a :class:`DuoLayer`, or a batch view's
+    layer): what transformers asks about its size; masks span the whole capacity, as for its static layers."""
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.max_len, 0
+
+    def get_max_length(self) -> int:
+        return self.state.max_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.state.max_len
+
+
+class DuoLayer(PreallocatedLayer):
     """One DuoAttention layer of a :class:`DuoCache`: ``n_ret`` retrieval KV heads (first), ``n_str`` streaming."""
 
     is_compileable = True  # decode steps are graph-safe; generate() then hands them to duoattn's graph runner
@@ -322,15 +336,6 @@ class DuoLayer(CacheLayerMixin):
     def get_seq_length(self) -> torch.Tensor | int:
         # A device tensor, as transformers' StaticLayer: position ids stay on the device inside a CUDA graph.
         return self.state.clock if self.state.allocated else 0
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.state.max_len, 0
-
-    def get_max_length(self) -> int:
-        return self.state.max_len
-
-    def get_max_cache_shape(self) -> int:
-        return self.state.max_len
 
     def kv_bytes(self) -> int:
         """Bytes of key and value storage this layer holds (its preallocated capacity)."""

@@ -164,6 +164,12 @@ def test_membership_change_keeps_every_sequence_exact(model, kernel, bits):
 
         def rounds(names, n):
             view = BatchCache([caches[k] for k in names])
+            # masks span the capacity: each cache its own, the view its longest member's, on every layer
+            sizes = [ids[k].shape[1] for k in names]
+            for layer in range(2):
+                assert [caches[k].get_mask_sizes(1, layer) for k in names] == [(n_, 0) for n_ in sizes]
+                assert view.get_mask_sizes(1, layer) == (max(sizes), 0)
+                assert view.get_max_length(layer) == view.layers[layer].get_max_cache_shape() == max(sizes)
             for _ in range(n):
                 tokens = [int(ids[k][0, prompts[k] + done[k]]) for k in names]
                 out = model(**view.step_inputs(tokens), cache=view, use_cache=True).logits[:, -1]

@@ -18,6 +18,7 @@ from duoattn.eval.passkey import PasskeyTask, passkey_sample
 from duoattn.eval.prompts import encode_prompt, fit_units
 from duoattn.eval.ruler import TASKS, RulerTask, common_words, freq_words, qa, variable_tracking
 from duoattn.eval.ruler import niah as ruler_niah
+from duoattn.eval.ruler.data import qa_dataset
 from duoattn.models import load_tokenizer
 
 
@@ -219,3 +220,38 @@ def test_ruler_qa_and_chat_prompts(tok):
         RulerTask(tasks=["niah_single_9"])
     with pytest.raises(ValueError, match="choose a longer length"):
         ruler_sample(tok, "qa_1", 100)
+
+
+def test_ruler_prompts_at_4k_in_chat_depend_on_their_seed_only(tok):
+    """Every task at 4K (cwe's long setting; qa_2's ten paragraphs fit) as chat prompts: within the budget, the
+    answers (qa: the gold paragraphs) in the prompt, and each sample a function of its seed alone."""
+    length, seed = 4096, 7
+    samples = {s.meta["task"]: s for s in RulerTask(tasks=list(TASKS), lengths=[length], samples_per_task=1,
+                                                     seed=seed).samples(tok, chat_template=True)}
+    assert set(samples) == set(TASKS)
+    for task, s in samples.items():
+        budget = length - TASKS[task].family.TOKENS_TO_GENERATE
+        slack = 250 if task.startswith("qa") else 0.15 * budget
+        assert budget - slack <= len(s.input_ids) <= budget, task
+        text = tok.decode(s.input_ids)
+        assert text.count("<|im_start|>user\n") == 1 and "<|im_start|>assistant\n" in text, task
+        if task.startswith("qa"):
+            questions, docs = qa_dataset(TASKS[task].params["dataset"])
+            assert s.meta["question"] == questions[0]["query"]
+            assert all(docs[d] in text for d in questions[0]["gold"]), task
+        else:
+            assert all(ref in text for ref in s.references), task
+
+    listing = tok.decode(samples["cwe"].input_ids).split("most often.\n")[2].split("\nQuestion")[0]
+    counts = {}
+    for word in re.findall(r"\d+\. (\S+)", listing):
+        counts[word] = counts.get(word, 0) + 1
+    assert set(counts.values()) == {3, 30}  # 4K and above: common words 30 times, the others 3 times
+    assert sorted(w for w, c in counts.items() if c == 30) == sorted(samples["cwe"].references)
+
+    for task in ("vt", "cwe", "qa_2"):  # the same alone as among all tasks; another seed, another prompt
+        def alone(seed, task=task):
+            return RulerTask(tasks=[task], lengths=[length], samples_per_task=1, seed=seed).samples(tok, True)[0]
+
+        assert alone(seed).input_ids == samples[task].input_ids, task
+        assert alone(seed + 1).input_ids != samples[task].input_ids, task

@@ -13,11 +13,12 @@ from transformers import PreTrainedTokenizerBase
 
 from ..prompts import Sample
 from . import common_words, freq_words, niah, qa, variable_tracking
+from .request import PromptRequest
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    family: ModuleType  # a module with ``generate`` and ``TOKENS_TO_GENERATE``
+    family: ModuleType  # a module with ``generate(request, **params)`` and ``TOKENS_TO_GENERATE``
     metric: str
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -86,16 +87,16 @@ class RulerTask:
             budget_new = spec.family.TOKENS_TO_GENERATE
             for length in self.lengths:
                 for i in range(self.samples_per_task):
-                    ids, refs, meta = spec.generate(
+                    request = PromptRequest(
                         tokenizer,
+                        length=length,
                         budget=length - budget_new,
                         task_key=f"{self.seed}/{task}",
                         sample_key=f"{self.seed}/{task}/{length}/{i}",
-                        chat_template=chat_template,
                         index=i,
-                        length=length,
-                        **spec.params,
+                        chat_template=chat_template,
                     )
+                    ids, refs, meta = spec.generate(request, **spec.params)
                     out.append(
                         Sample(
                             key=f"{task}/L{length}/{i}",

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import random
 
-from transformers import PreTrainedTokenizerBase
-
-from ..prompts import encode_prompt, fit_units
 from .data import word_list
+from .request import PromptRequest
 
 TOKENS_TO_GENERATE = 120
 TEMPLATE = (
@@ -36,32 +34,22 @@ def _word_list(rng: random.Random, vocabulary: list[str], num_words: int, common
 
 
 def generate(
-    tokenizer: PreTrainedTokenizerBase,
-    budget: int,
-    task_key: str,
-    sample_key: str,
-    chat_template: bool,
-    index: int,
-    length: int,
-    freq_common: int = 30,
-    freq_other: int = 3,
-    num_common: int = 10,
+    request: PromptRequest, freq_common: int = 30, freq_other: int = 3, num_common: int = 10
 ) -> tuple[list[int], list[str], dict]:
-    """A prompt of at most ``budget`` tokens for a ``length``-token task; ``(input_ids, references, meta)``."""
+    """A prompt of at most ``request.budget`` tokens; ``(input_ids, references, meta)``."""
     vocabulary = sorted({*word_list("nouns"), *word_list("adjectives"), *word_list("verbs")})
-    random.Random(task_key).shuffle(vocabulary)
-    if length < 4096:  # RULER's short-context setting
+    random.Random(request.task_key).shuffle(vocabulary)
+    if request.length < 4096:  # RULER's short-context setting
         example_args, freqs = (20, 3, 1), (6, 1)
     else:
         example_args, freqs = (40, 10, 3), (freq_common, freq_other)
 
     def build(n: int) -> tuple[list[int], list[str]]:
-        rng = random.Random(sample_key)
+        rng = random.Random(request.sample_key)
         example, example_answer = _word_list(rng, vocabulary, *example_args, num_common)
         context, answer = _word_list(rng, vocabulary, n, *freqs, num_common)
         solved = TEMPLATE.format(context=example) + ANSWER_PREFIX + _numbered(example_answer)
-        return encode_prompt(tokenizer, solved + "\n" + TEMPLATE.format(context=context), ANSWER_PREFIX,
-                             chat_template), answer
+        return request.encode(solved + "\n" + TEMPLATE.format(context=context), ANSWER_PREFIX), answer
 
-    n, ids, refs = fit_units(build, budget, num_common, len(vocabulary), what="common-words prompt")
+    n, ids, refs = request.fit(build, num_common, len(vocabulary), what="common-words prompt")
     return ids, refs, {"list_words": n}

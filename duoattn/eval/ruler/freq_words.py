@@ -11,9 +11,7 @@ import math
 import random
 import string
 
-from transformers import PreTrainedTokenizerBase
-
-from ..prompts import encode_prompt, fit_units
+from .request import PromptRequest
 
 TOKENS_TO_GENERATE = 50
 TEMPLATE = (
@@ -50,25 +48,15 @@ def coded_vocabulary(rng: random.Random, size: int, letters: int) -> list[str]:
     return words
 
 
-def generate(
-    tokenizer: PreTrainedTokenizerBase,
-    budget: int,
-    task_key: str,
-    sample_key: str,
-    chat_template: bool,
-    index: int,
-    length: int,
-    alpha: float = 2.0,
-    letters: int = 6,
-) -> tuple[list[int], list[str], dict]:
-    """A prompt of at most ``budget`` tokens for a ``length``-token task; ``(input_ids, references, meta)``."""
-    vocab = coded_vocabulary(random.Random(sample_key), max(4, length // 50), letters)
+def generate(request: PromptRequest, alpha: float = 2.0, letters: int = 6) -> tuple[list[int], list[str], dict]:
+    """A prompt of at most ``request.budget`` tokens; ``(input_ids, references, meta)``."""
+    vocab = coded_vocabulary(random.Random(request.sample_key), max(4, request.length // 50), letters)
 
     def build(n: int) -> tuple[list[int], list[str]]:
         text = [w for w, count in zip(vocab, zipf_counts(n, len(vocab), alpha)) for _ in range(count)]
-        random.Random(sample_key + "/order").shuffle(text)
+        random.Random(request.sample_key + "/order").shuffle(text)
         body = TEMPLATE.format(context=" ".join(text))
-        return encode_prompt(tokenizer, body, ANSWER_PREFIX, chat_template), vocab[1:4]
+        return request.encode(body, ANSWER_PREFIX), vocab[1:4]
 
-    n, ids, refs = fit_units(build, budget, 0, 2 * length, what="frequent-words prompt")
+    n, ids, refs = request.fit(build, 0, 2 * request.length, what="frequent-words prompt")
     return ids, refs, {"words": n}

@@ -9,11 +9,9 @@ from __future__ import annotations
 import random
 import uuid
 
-from transformers import PreTrainedTokenizerBase
-
 from ...data.haystack import split_sentences
-from ..prompts import encode_prompt, fit_units
 from .data import essay_words, word_list
+from .request import PromptRequest
 
 TOKENS_TO_GENERATE = 128
 NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
@@ -69,13 +67,7 @@ def _context(rng: random.Random, haystack: str, n: int, needles: list[str], type
 
 
 def generate(
-    tokenizer: PreTrainedTokenizerBase,
-    budget: int,
-    task_key: str,
-    sample_key: str,
-    chat_template: bool,
-    index: int,
-    length: int,
+    request: PromptRequest,
     haystack: str,
     type_k: str,
     type_v: str,
@@ -83,14 +75,14 @@ def generate(
     num_v: int = 1,
     num_q: int = 1,
 ) -> tuple[list[int], list[str], dict]:
-    """A prompt of at most ``budget`` tokens; returns ``(input_ids, references, meta)``. All draws are seeded by
-    ``sample_key``."""
+    """A prompt of at most ``request.budget`` tokens; returns ``(input_ids, references, meta)``. All draws are
+    seeded by ``request.sample_key``."""
     if haystack not in HAYSTACKS:
         raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
     num_k = max(num_k, num_q)
 
     def build(n: int) -> tuple[list[int], list[str]]:
-        rng = random.Random(sample_key)
+        rng = random.Random(request.sample_key)
         keys, values, needles = [], [], []
         for _ in range(num_k):
             keys.append(random_item(rng, type_k))
@@ -105,10 +97,10 @@ def generate(
         if num_q * num_v == 1:
             template, prefix, shown_v = _singular(template), _singular(prefix), type_v[:-1]
         body = template.format(type_v=shown_v, context=context, query=query)
-        ids = encode_prompt(tokenizer, body, prefix.format(type_v=shown_v, query=query), chat_template)
+        ids = request.encode(body, prefix.format(type_v=shown_v, query=query))
         return ids, [v for i in asked for v in values[i]]
 
-    units = len(essay_words()) if haystack == "essay" else budget  # a noise line or needle is > 1 token
+    units = len(essay_words()) if haystack == "essay" else request.budget  # a noise line or needle is > 1 token
     lo = 1 if haystack == "essay" else num_k * num_v
-    n, ids, refs = fit_units(build, budget, lo, units, what=f"RULER niah prompt ({haystack} haystack)")
+    n, ids, refs = request.fit(build, lo, units, what=f"RULER niah prompt ({haystack} haystack)")
     return ids, refs, {"haystack_units": n}

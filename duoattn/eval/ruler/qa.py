@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import random
 
-from transformers import PreTrainedTokenizerBase
-
-from ..prompts import encode_prompt, fit_units
 from .data import qa_dataset
+from .request import PromptRequest
 
 TOKENS_TO_GENERATE = 32
 DOCUMENT = "Document {i}:\n{document}"
@@ -24,23 +22,16 @@ TEMPLATE = (
 ANSWER_PREFIX = " Answer:"
 
 
-def generate(
-    tokenizer: PreTrainedTokenizerBase,
-    budget: int,
-    task_key: str,
-    sample_key: str,
-    chat_template: bool,
-    index: int,
-    length: int,
-    dataset: str = "squad",
-) -> tuple[list[int], list[str], dict]:
-    """A prompt of at most ``budget`` tokens; ``(input_ids, references, meta)``."""
+def generate(request: PromptRequest, dataset: str = "squad") -> tuple[list[int], list[str], dict]:
+    """A prompt of at most ``request.budget`` tokens; ``(input_ids, references, meta)``."""
     questions, docs = qa_dataset(dataset)
-    if index >= len(questions):
-        raise ValueError(f"{dataset} has {len(questions)} questions; sample index {index} is out of range")
-    question = questions[index]
+    if request.index >= len(questions):
+        raise ValueError(
+            f"{dataset} has {len(questions)} questions; sample index {request.index} is out of range"
+        )
+    question = questions[request.index]
     gold = list(dict.fromkeys(question["gold"]))
-    rng = random.Random(sample_key)
+    rng = random.Random(request.sample_key)
     related = [i for i in question["related"] if i not in gold]
     rng.shuffle(related)
     taken = set(gold) | set(related)
@@ -51,10 +42,10 @@ def generate(
 
     def build(n: int) -> tuple[list[int], list[str]]:
         chosen = order[:n]
-        random.Random(f"{sample_key}/{n}").shuffle(chosen)
+        random.Random(f"{request.sample_key}/{n}").shuffle(chosen)
         context = "\n\n".join(DOCUMENT.format(i=k + 1, document=docs[d]) for k, d in enumerate(chosen))
         body = TEMPLATE.format(context=context, query=question["query"])
-        return encode_prompt(tokenizer, body, ANSWER_PREFIX, chat_template), question["answers"]
+        return request.encode(body, ANSWER_PREFIX), question["answers"]
 
-    n, ids, refs = fit_units(build, budget, len(gold), len(order), what=f"{dataset} QA prompt")
+    n, ids, refs = request.fit(build, len(gold), len(order), what=f"{dataset} QA prompt")
     return ids, refs, {"documents": n, "question": question["query"]}

@@ -14,7 +14,8 @@ import string
 
 from transformers import PreTrainedTokenizerBase
 
-from ..prompts import encode_prompt, fit_units
+from ..prompts import fit_units
+from .request import PromptRequest
 
 TOKENS_TO_GENERATE = 30
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -90,29 +91,22 @@ def _redraw(example: str, answer: list[str], rng: random.Random) -> str:
     return example
 
 
-def generate(
-    tokenizer: PreTrainedTokenizerBase,
-    budget: int,
-    task_key: str,
-    sample_key: str,
-    chat_template: bool,
-    index: int,
-    length: int,
-    num_chains: int = 1,
-    num_hops: int = 4,
-) -> tuple[list[int], list[str], dict]:
-    """A prompt of at most ``budget`` tokens; returns ``(input_ids, references, meta)``.
+def generate(request: PromptRequest, num_chains: int = 1, num_hops: int = 4) -> tuple[list[int], list[str], dict]:
+    """A prompt of at most ``request.budget`` tokens; returns ``(input_ids, references, meta)``.
 
-    ``task_key`` seeds what all samples of the task share (the solved example), ``sample_key`` the rest.
+    ``request.task_key`` seeds what all samples of the task share (the solved example), ``request.sample_key``
+    the rest.
     """
-    example, answer = solved_example(tokenizer, task_key + "/example", num_chains, num_hops)
-    shown = _redraw(example, answer, random.Random(sample_key + "/redraw"))
+    example, answer = solved_example(request.tokenizer, request.task_key + "/example", num_chains, num_hops)
+    shown = _redraw(example, answer, random.Random(request.sample_key + "/redraw"))
 
     def build(n: int) -> tuple[list[int], list[str]]:
-        rng = random.Random(sample_key)
+        rng = random.Random(request.sample_key)
         groups, chains = _chains(rng, num_chains, num_hops, letters=5)
         question, prefix = _task_text(rng, n, chains, num_hops)
-        return encode_prompt(tokenizer, " " + shown + "\n\n" + question, prefix, chat_template), groups[0]
+        return request.encode(" " + shown + "\n\n" + question, prefix), groups[0]
 
-    n, ids, refs = fit_units(build, budget, num_chains * (num_hops + 1), budget, what="variable-tracking prompt")
+    n, ids, refs = request.fit(
+        build, num_chains * (num_hops + 1), request.budget, what="variable-tracking prompt"
+    )
     return ids, refs, {"noise_lines": n}
