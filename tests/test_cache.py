@@ -8,7 +8,7 @@ import torch
 
 from duoattn.cache import DuoCache
 from duoattn.kernels.dispatch import KernelChoice
-from duoattn.layout import ChunkPlan, ring_slot, split_kv_bytes, visible
+from duoattn.layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes, visible
 from duoattn.quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
 from duoattn.roles import LayerRoles
 
@@ -89,6 +89,14 @@ def test_chunk_plan_by_hand():
     assert plan.keep == [(1, 3, 3), (4, 2, 1)]
     with pytest.raises(ValueError, match="start >= 0 and size >= 1"):
         ChunkPlan.build(0, 0, 2, 4)
+
+
+def test_prefix_length_by_hand():
+    # room for sink + recent - 1 stored tokens, the smallest multiple of 128 (at least 128)
+    assert prefix_length(0, 1) == 128 and prefix_length(4, 6) == 128
+    assert prefix_length(4, 125) == 128  # 128 stored tokens fit exactly
+    assert prefix_length(4, 126) == 256  # 129 do not
+    assert prefix_length(64, 256) == 384  # 319 -> 3 blocks
 
 
 def test_streamed_plan_by_hand():
