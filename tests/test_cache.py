@@ -87,6 +87,8 @@ def test_chunk_plan_by_hand():
     # positions 7, 8, 9 live in slots 2 + (p - 2) % 4 = 3, 4, 5
     assert plan.gather == [(0, 0, 2), (125, 3, 3)]
     assert plan.keep == [(1, 3, 3), (4, 2, 1)]
+    # by default every query streams and nothing is recorded for later dense queries
+    assert plan.record is False and plan.n_streamed == 5 and plan.streamed() is plan
     with pytest.raises(ValueError, match="start >= 0 and size >= 1"):
         ChunkPlan.build(0, 0, 2, 4)
 
