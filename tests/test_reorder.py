@@ -39,6 +39,13 @@ def test_head_order_puts_retrieval_heads_first_stably():
     assert order.num_retrieval == (2, 2)
     assert order.roles.tolist() == [[True, True, False, False]] * 2
     assert [p.tolist() for p in order.inverse().perms] == [[2, 0, 3, 1], [0, 1, 2, 3]]
+    assert order.inverse().num_retrieval == (2, 2)
+    # 32 heads: each role keeps its heads in their original order (an unstable sort would not, at this size)
+    row = np.random.default_rng(0).random(32) > 0.5
+    (perm,) = HeadOrder.retrieval_first(row[None]).perms
+    assert perm.tolist() == [h for h in range(32) if row[h]] + [h for h in range(32) if not row[h]]
+    # any truthy table is read as roles: 0 / 1 floats as well as bools
+    assert HeadOrder.retrieval_first(np.array([[0.0, 1.0, 1.0]])).perms[0].tolist() == [1, 2, 0]
 
 
 def test_reordering_a_fused_qkv_projection_matches_separate_projections():
