@@ -8,7 +8,7 @@ import torch
 
 from duoattn.cache import DuoCache
 from duoattn.kernels.dispatch import KernelChoice
-from duoattn.layout import ChunkPlan, ring_slot, split_kv_bytes
+from duoattn.layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes, visible
 from duoattn.quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
 from duoattn.roles import LayerRoles
 
@@ -64,6 +64,21 @@ def test_ring_slots_by_hand():
     assert ring_slot(torch.arange(10), 2, 4).tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
 
 
+def test_visibility_by_hand():
+    # sink 1, recent 2: query i sees key 0 and keys i-1, i; a retrieval head sees every key j <= i
+    streaming = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 0, 1, 1]]
+    causal = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    pos = torch.arange(5)
+    assert visible(pos, pos, 1, 2, True).int().tolist() == streaming
+    assert visible(pos, pos, 1, 2, False).int().tolist() == causal
+    heads = visible(pos, pos, 1, 2, torch.tensor([False, True, False]))
+    assert heads.shape == (3, 5, 5) and heads.int().tolist() == [causal, streaming, causal]
+    # queries 3, 4 of a later chunk against all keys: the rows of the full table, by absolute position
+    assert visible(pos[3:], pos, 1, 2, True).int().tolist() == streaming[3:]
+    # sink 0, recent 1: a streaming head sees only its own position
+    assert visible(pos, pos, 0, 1, True).int().tolist() == torch.eye(5, dtype=torch.int).tolist()
+
+
 def test_chunk_plan_by_hand():
     # sink 2, recent 4, 10 tokens stored, chunk 10..14: sees 0, 1 and 7, 8, 9;
     # keeps 11, 12, 13 | 14 in slots 3, 4, 5 | 2
@@ -72,8 +87,31 @@ def test_chunk_plan_by_hand():
     # positions 7, 8, 9 live in slots 2 + (p - 2) % 4 = 3, 4, 5
     assert plan.gather == [(0, 0, 2), (125, 3, 3)]
     assert plan.keep == [(1, 3, 3), (4, 2, 1)]
+    # by default every query streams and nothing is recorded for later dense queries
+    assert plan.record is False and plan.n_streamed == 5 and plan.streamed() is plan
     with pytest.raises(ValueError, match="start >= 0 and size >= 1"):
         ChunkPlan.build(0, 0, 2, 4)
+
+
+def test_prefix_length_by_hand():
+    # room for sink + recent - 1 stored tokens, the smallest multiple of 128 (at least 128)
+    assert prefix_length(0, 1) == 128 and prefix_length(4, 6) == 128
+    assert prefix_length(4, 125) == 128  # 128 stored tokens fit exactly
+    assert prefix_length(4, 126) == 256  # 129 do not
+    assert prefix_length(64, 256) == 384  # 319 -> 3 blocks
+
+
+def test_streamed_plan_by_hand():
+    # sink 2, recent 4, chunk 10..14 whose queries from 12 on attend fully: queries 10, 11 stream, with the layout of
+    # a chunk 10..11 (sees 0, 1 and 7, 8, 9 like the whole chunk; keeps 10, 11 in slots 2, 3)
+    plan = ChunkPlan.build(10, 5, sink=2, recent=4, dense_from=12)
+    assert plan.n_streamed == 2
+    sub = plan.streamed()
+    assert (sub.start, sub.size, sub.n_sink, sub.run_start, sub.n_run) == (10, 2, 2, 7, 3)
+    assert sub.gather == [(0, 0, 2), (125, 3, 3)] and sub.keep == [(0, 2, 2)]
+    assert plan.streamed() is sub  # built once per chunk, shared by every layer with its kernel artefacts
+    every = ChunkPlan.build(10, 5, sink=2, recent=4, dense_from=15)
+    assert every.n_streamed == 5 and every.streamed() is every
 
 
 def test_kv_bytes_and_bytes_read_match_the_formula():
@@ -84,6 +122,8 @@ def test_kv_bytes_and_bytes_read_match_the_formula():
     per_token_head = 2 * 8 * 2 * 4  # batch x head_dim x (K, V) x float32
     assert cache.kv_bytes() == ((2 + 1) * 100 + (0 + 2 + 1) * 10) * per_token_head
     assert cache.kv_bytes() == split_kv_bytes(3, 3, 100, 4, 6, 8, 4, batch_size=2)
+    # one sequence unless told: 3 retrieval heads x 100 + 3 streaming heads x 10 vectors of 8 float32, K and V
+    assert split_kv_bytes(3, 3, 100, 4, 6, 8, 4) == (3 * 100 + 3 * 10) * 8 * 4 * 2
     assert cache.kv_bytes_read(50) == ((2 + 1) * 50 + 3 * 10) * per_token_head
     assert cache.kv_bytes_read(7) == (3 * 7 + 3 * 7) * per_token_head
     k = torch.zeros(2, 2, 30, 8)

@@ -4,6 +4,7 @@ right way, bit-for-bit resume, clamping, determinism, and a model left exactly a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,36 @@ def test_checkpoint_files_and_inconsistency(tmp_path):
     (directory / "step-000003.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="which is missing"):
         load_checkpoint(directory)
+
+
+def test_first_step_is_a_plain_adamw_step_and_is_recorded(tmp_path):
+    # A regulariser this strong makes every gradient positive. AdamW's first step then moves each gate by
+    # lr * g / (|g| + eps) = lr (bias correction cancels the moments), with no weight decay: 1 -> 1 - lr.
+    # One step: the schedule's factor is 1 (warm-up (0 + 1) / 0.2 and decay 1 / 0.2, both above 1).
+    cfg = config(tmp_path, steps=1, lr=0.05, reg=1000.0)
+    tic = time.perf_counter()
+    result = train(tiny_llama(num_layers=2), cfg, random_samples(96, 16))
+    wall = time.perf_counter() - tic
+    torch.testing.assert_close(result.gates, torch.full((2, 2), 0.95), rtol=0, atol=1e-6)
+    (record,) = result.history
+    assert record["step"] == 1 and record["lr"] == 0.05 and record["length"] == 96
+    assert record["mean_gate"] == pytest.approx(0.95, abs=1e-6)
+    assert 0 < record["seconds"] < wall
+
+
+def test_checkpoints_are_written_every_save_every_steps(tmp_path):
+    cfg = config(tmp_path, steps=8, save_every=3)
+    sample_fn = random_samples(40, 8)
+    steps_saved = []
+
+    def interrupted(step):
+        directory = Path(cfg.out) / "checkpoint"
+        steps_saved.append(load_checkpoint(directory).step if directory.exists() else 0)
+        if step == 5:
+            raise KeyboardInterrupt
+        return sample_fn(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llama(), cfg, interrupted)
+    # before steps 1..6: nothing, then the checkpoint of step 3 (written after steps 3, 6, ... and the last)
+    assert steps_saved == [0, 0, 0, 3, 3, 3]

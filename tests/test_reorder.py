@@ -39,6 +39,13 @@ def test_head_order_puts_retrieval_heads_first_stably():
     assert order.num_retrieval == (2, 2)
     assert order.roles.tolist() == [[True, True, False, False]] * 2
     assert [p.tolist() for p in order.inverse().perms] == [[2, 0, 3, 1], [0, 1, 2, 3]]
+    assert order.inverse().num_retrieval == (2, 2)
+    # 32 heads: each role keeps its heads in their original order (an unstable sort would not, at this size)
+    row = np.random.default_rng(0).random(32) > 0.5
+    (perm,) = HeadOrder.retrieval_first(row[None]).perms
+    assert perm.tolist() == [h for h in range(32) if row[h]] + [h for h in range(32) if not row[h]]
+    # any truthy table is read as roles: 0 / 1 floats as well as bools
+    assert HeadOrder.retrieval_first(np.array([[0.0, 1.0, 1.0]])).perms[0].tolist() == [1, 2, 0]
 
 
 def test_reordering_a_fused_qkv_projection_matches_separate_projections():
@@ -93,3 +100,25 @@ def test_bad_permutations_are_refused_and_nothing_moves():
     with pytest.raises(ValueError, match="head order has 2 layers"):
         permute_heads(model, HeadOrder.retrieval_first(np.ones((2, 2), dtype=bool)))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_head_orders_name_what_was_expected():
+    with pytest.raises(ValueError, match=r"roles must be a bool array \[layers, kv_heads\], got shape \(4,\)"):
+        HeadOrder.retrieval_first(np.ones(4, dtype=bool))
+    model = tiny_llama(heads=4, kv_heads=2)
+    three = HeadOrder.retrieval_first(np.ones((3, 3), dtype=bool))
+    with pytest.raises(ValueError, match="layer 0: permutation of 3 heads, the model has 2"):
+        permute_heads(model, three)
+    with pytest.raises(ValueError, match="head order has 2 layers, the model 3"):
+        permute_heads(model, HeadOrder.retrieval_first(np.ones((2, 2), dtype=bool)))
+
+
+def test_a_layer_that_cannot_be_reordered_undoes_the_layers_before_it():
+    model = tiny_llama(heads=4, kv_heads=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.model.layers[2].self_attn.k_proj = torch.nn.Identity()  # neither linear nor fused: refused
+    order = HeadOrder.retrieval_first(np.array([[False, True]] * 3))
+    with pytest.raises(ValueError, match="cannot reorder heads of LlamaAttention"):
+        permute_heads(model, order)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items() if "layers.2.self_attn.k_proj" not in k)
