@@ -211,8 +211,12 @@ def test_padded_batches_are_refused_and_equal_length_batches_work(tiny_model):
     with duo_attention(tiny_model, pattern):
         mask = torch.ones_like(ids)
         mask[0, :4] = 0
-        with pytest.raises(ValueError, match="padded batches"):
+        with pytest.raises(ValueError, match="^DuoAttention does not support padded batches"):
             tiny_model.generate(ids, attention_mask=mask, max_new_tokens=3)
+        short = torch.ones(2, 2, dtype=torch.long)  # the shortest prompt that can be padded: two tokens
+        short[0, 0] = 0
+        with pytest.raises(ValueError, match="padded batches"):
+            tiny_model.generate(ids[:, :2], attention_mask=short, max_new_tokens=3)
         batched = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         one = tiny_model.generate(ids[1:], max_new_tokens=4, do_sample=False)
         zero = tiny_model.generate(ids[:1], max_new_tokens=4, do_sample=False)
@@ -251,3 +255,47 @@ def test_a_duo_cache_without_duo_attention_is_refused_clearly(tiny_model, ids):
         cache = handle.new_cache(16)
     with pytest.raises((ValueError, RuntimeError), match="DuoAttention"):
         tiny_model(ids[:, :4], **{cache_kwarg(tiny_model): cache})
+
+
+def test_attention_function_scaling_none_is_the_inverse_square_root_of_the_head_size(tiny_model):
+    """The registered function called directly, as other callers than transformers' modules may: ``scaling=None``
+    means ``head_dim ** -0.5``, an explicit ``scaling`` is honoured, and a mask tensor is refused by name."""
+    from duoattn.attention import CUSTOM_MASK_ERROR, duo_attention_forward
+
+    gen = torch.Generator().manual_seed(9)
+    with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=4)):
+        module = tiny_model.model.layers[0].self_attn
+        hq, hkv = tiny_model.config.num_attention_heads, tiny_model.config.num_key_value_heads
+        d = tiny_model.config.hidden_size // hq
+        q = torch.randn(1, hq, 12, d, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(1, hkv, 12, d, generator=gen, dtype=torch.float64) for _ in "kv")
+        default, _ = duo_attention_forward(module, q, k, v, None)
+        explicit, _ = duo_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+        doubled, _ = duo_attention_forward(module, q, k, v, None, scaling=2 * d**-0.5)
+        # the same call with the queries scaled instead: softmax(2 q k^T / sqrt(d)) = softmax((2q) k^T / sqrt(d))
+        by_queries, _ = duo_attention_forward(module, 2 * q, k, v, None)
+        with pytest.raises(ValueError) as err:
+            duo_attention_forward(module, q, k, v, torch.zeros(1, 1, 12, 12, dtype=torch.float64))
+    assert str(err.value) == CUSTOM_MASK_ERROR
+    assert default.shape == (1, 12, hq, d)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(doubled, by_queries, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(default, doubled)
+
+
+def test_a_stock_cache_decodes_by_the_streaming_rule_in_every_prefill_mode(tiny_model):
+    """A transformers DynamicCache passed by hand: its prompt pass follows the prefill mode, its decode steps the
+    streaming rule (only a pass whose queries are the whole sequence is a prompt), as on a DuoCache."""
+    from transformers import DynamicCache
+
+    ids = ids_of(40, seed=4)
+    pattern = HeadPattern(MIXED, sink=2, recent=4)
+    for mode in ("full", "window:8"):
+        with duo_attention(tiny_model, pattern, prefill=mode) as handle, torch.no_grad():
+            stock = DynamicCache()
+            tiny_model(ids[:, :36], past_key_values=stock, use_cache=True)
+            got = torch.cat([tiny_model(ids[:, t : t + 1], past_key_values=stock, use_cache=True).logits
+                             for t in range(36, 40)], dim=1)
+            cache = handle.new_cache(40)
+            want = run_chunks(tiny_model, ids, cache, [36, 1, 1, 1, 1])[:, 36:]
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
