@@ -211,7 +211,8 @@ def test_padded_batches_are_refused_and_equal_length_batches_work(tiny_model):
     with duo_attention(tiny_model, pattern):
         mask = torch.ones_like(ids)
         mask[0, :4] = 0
-        with pytest.raises(ValueError, match="^DuoAttention does not support padded batches"):
+        with pytest.raises(ValueError, match=r"^DuoAttention does not support padded batches \(attention_mask has "
+                           r"zeros\): run one sequence at a time, or batch sequences of equal length without padding$"):
             tiny_model.generate(ids, attention_mask=mask, max_new_tokens=3)
         short = torch.ones(2, 2, dtype=torch.long)  # the shortest prompt that can be padded: two tokens
         short[0, 0] = 0
@@ -260,7 +261,7 @@ def test_a_duo_cache_without_duo_attention_is_refused_clearly(tiny_model, ids):
 def test_attention_function_scaling_none_is_the_inverse_square_root_of_the_head_size(tiny_model):
     """The registered function called directly, as other callers than transformers' modules may: ``scaling=None``
     means ``head_dim ** -0.5``, an explicit ``scaling`` is honoured, and a mask tensor is refused by name."""
-    from duoattn.attention import CUSTOM_MASK_ERROR, duo_attention_forward
+    from duoattn.attention import CUSTOM_MASK_ERROR, duo_attention_forward, duo_mask
 
     gen = torch.Generator().manual_seed(9)
     with duo_attention(tiny_model, HeadPattern(MIXED, sink=2, recent=4)):
@@ -276,7 +277,9 @@ def test_attention_function_scaling_none_is_the_inverse_square_root_of_the_head_
         by_queries, _ = duo_attention_forward(module, 2 * q, k, v, None)
         with pytest.raises(ValueError) as err:
             duo_attention_forward(module, q, k, v, torch.zeros(1, 1, 12, 12, dtype=torch.float64))
-    assert str(err.value) == CUSTOM_MASK_ERROR
+        with pytest.raises(ValueError) as mask_err:  # a mask function other than causal, e.g. bidirectional spans
+            duo_mask(batch_size=1, q_length=12, kv_length=12, mask_function=lambda b, h, q, kv: True)
+    assert str(err.value) == CUSTOM_MASK_ERROR and str(mask_err.value) == CUSTOM_MASK_ERROR
     assert default.shape == (1, 12, hq, d)
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
     torch.testing.assert_close(doubled, by_queries, rtol=1e-12, atol=1e-12)
