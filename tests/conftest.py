@@ -191,6 +191,13 @@ def reference_logits(model, pattern, ids, sparsity=None, sink=None, recent=None,
         model.set_attn_implementation(previous)
 
 
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ``|got - ref| / |ref|`` in float64; ``got`` must be finite."""
+    got, ref = got.double(), ref.double()
+    assert torch.isfinite(got).all()
+    return float((got - ref).norm() / ref.norm())
+
+
 def run_chunks(model, ids, cache, sizes):
     """Feed ``ids`` through the model in chunks of the given sizes; return the logits of every position."""
     logits, start = [], 0

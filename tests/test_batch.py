@@ -204,10 +204,36 @@ def test_batch_view_refuses_what_it_cannot_gather(model):
             view.step_inputs([1, 2])
 
 
+def _prefilled_requests(sched, model, full, loop, extra: int, max_tokens: int) -> tuple[list, list]:
+    """Requests whose prompts (each row of ``full`` but its last ``extra`` tokens) are prefilled on their own caches
+    and whose first generated token is the next token of the row; ``shapes``: the input shapes of every decode
+    forward the scheduler makes from now on."""
+    from duoattn.serve.sampling import SamplingParams
+    from duoattn.serve.scheduler import Sequence
+
+    shapes = []
+    forward = sched.decode_forward
+
+    def spy(**kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(**kwargs)
+
+    sched.decode_forward = spy
+    seqs = []
+    for x in full:
+        n = x.shape[1] - extra
+        seq = Sequence(x[0, :n].tolist(), SamplingParams(max_tokens=max_tokens, temperature=0.0), 0, loop,
+                       lambda _: None)
+        seq.cache = sched.new_cache(n + max_tokens, batch_size=1)
+        model(x[:, :n], cache=seq.cache, use_cache=True)
+        seq.prefilled, seq.generated = n, [int(x[0, n])]
+        seqs.append(seq)
+    return seqs, shapes
+
+
 def test_scheduler_decodes_all_requests_in_one_forward(model):
     from duoattn.serve.metrics import ServerMetrics
-    from duoattn.serve.sampling import SamplingParams
-    from duoattn.serve.scheduler import Scheduler, Sequence
+    from duoattn.serve.scheduler import Scheduler
 
     gen = torch.Generator().manual_seed(4)
     full = [torch.randint(0, 97, (1, n + 2), generator=gen).to(DEVICE) for n in (4, 21, 40)]
@@ -217,23 +243,7 @@ def test_scheduler_decodes_all_requests_in_one_forward(model):
         with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
             sched = Scheduler(model, handle, set(), 64, ServerMetrics(), cuda_graphs=False)
             assert sched.batched
-            shapes = []
-            forward = sched.decode_forward
-
-            def spy(**kwargs):
-                shapes.append(tuple(kwargs["input_ids"].shape))
-                return forward(**kwargs)
-
-            sched.decode_forward = spy
-            seqs = []
-            for x in full:
-                n = x.shape[1] - 2
-                seq = Sequence(x[0, :n].tolist(), SamplingParams(max_tokens=4, temperature=0.0), 0, loop,
-                               lambda _: None)
-                seq.cache = sched.new_cache(n + 4, batch_size=1)
-                model(x[:, :n], cache=seq.cache, use_cache=True)
-                seq.prefilled, seq.generated = n, [int(x[0, n])]
-                seqs.append(seq)
+            seqs, shapes = _prefilled_requests(sched, model, full, loop, extra=2, max_tokens=4)
             logits = sched.decode(seqs)
             assert shapes == [(3, 1)]  # one forward for the three of them
             for seq, want, got in zip(seqs, expected, logits):
@@ -254,8 +264,7 @@ def test_scheduler_switches_between_batched_and_per_request_steps(model):
     """Up to ``sequential_max`` decoding requests take one batch-1 step each (on a GPU: each replays its cache's
     CUDA graph); more take one batched step. Switching either way keeps every request's clock right."""
     from duoattn.serve.metrics import ServerMetrics
-    from duoattn.serve.sampling import SamplingParams
-    from duoattn.serve.scheduler import Scheduler, Sequence
+    from duoattn.serve.scheduler import Scheduler
 
     gen = torch.Generator().manual_seed(5)
     full = [torch.randint(0, 97, (1, n + 4), generator=gen).to(DEVICE) for n in (6, 30, 45)]
@@ -265,23 +274,7 @@ def test_scheduler_switches_between_batched_and_per_request_steps(model):
         with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
             sched = Scheduler(model, handle, set(), 64, ServerMetrics(), cuda_graphs=False)
             assert sched.sequential_max == 0  # no graphs to replay: always batched
-            shapes = []
-            forward = sched.decode_forward
-
-            def spy(**kwargs):
-                shapes.append(tuple(kwargs["input_ids"].shape))
-                return forward(**kwargs)
-
-            sched.decode_forward = spy
-            seqs = []
-            for x in full:
-                n = x.shape[1] - 4
-                seq = Sequence(x[0, :n].tolist(), SamplingParams(max_tokens=8, temperature=0.0), 0, loop,
-                               lambda _: None)
-                seq.cache = sched.new_cache(n + 8, batch_size=1)
-                model(x[:, :n], cache=seq.cache, use_cache=True)
-                seq.prefilled, seq.generated = n, [int(x[0, n])]
-                seqs.append(seq)
+            seqs, shapes = _prefilled_requests(sched, model, full, loop, extra=4, max_tokens=8)
 
             def step(expect_shapes):
                 shapes.clear()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import cache_kwarg, reference_logits, run_chunks
+from conftest import cache_kwarg, reference_logits, rel, run_chunks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from duoattn import HeadPattern, duo_attention
@@ -18,12 +18,6 @@ from duoattn.kernels.dispatch import KernelChoice
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 SINK, RECENT = 64, 256
-
-
-def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    assert torch.isfinite(got).all()
-    return float((got - ref).norm() / ref.norm())
 
 
 @pytest.fixture(scope="module")

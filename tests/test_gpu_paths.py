@@ -14,7 +14,7 @@ import numpy as np
 import oracle
 import pytest
 import torch
-from conftest import run_chunks
+from conftest import rel, run_chunks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from duoattn import HeadPattern, duo_attention
@@ -30,12 +30,6 @@ LAYERS, KV_HEADS, HEAD_DIM = 4, 4, 128
 GATES = np.array([[0.1, 0.9, 0.2, 0.8], [0.0, 0.1, 0.2, 0.3], [0.3, 0.2, 0.9, 0.4], [0.6, 0.7, 0.8, 0.9]])
 PATTERN = HeadPattern(GATES, sink=SINK, recent=RECENT)
 ROLES = oracle.binarize(GATES)  # threshold 0.5
-
-def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    assert torch.isfinite(got).all()
-    return float((got - ref).norm() / ref.norm())
-
 
 @pytest.fixture(scope="module")
 def model():
