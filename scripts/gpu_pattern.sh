@@ -34,26 +34,6 @@ start=$SECONDS
     >"$ROOT/identify.log" 2>&1
 echo "identify $((SECONDS - start)) s" | tee "$ROOT/timings.txt"
 
-# 2. The eval harness on the new pattern, one process per task and length (a 135M model leaves the GPU idle). Same
-#    prompts as scripts/gpu_accuracy.sh (seed 20261201, 50 depths), so the numbers compare with docs/results.md.
-DEPTHS=$("$PY" -c "print(','.join(f'{i/($SAMPLES-1 if $SAMPLES>1 else 1):.4f}' for i in range($SAMPLES)))")
-eval_start=$SECONDS
-IFS=, read -r -a LENS <<<"$LENGTHS"
-for L in "${LENS[@]}"; do
-    # A passkey prompt is about L tokens and generates 8 more: at the context's end it must leave room for them.
-    PL=$((L >= 8192 ? L - 16 : L))
-    "$PY" -m duoattn eval passkey --model "$MODEL" --pattern "$ROOT/pattern" --out "$ROOT/passkey-$L" --lengths $PL \
-        --samples "$SAMPLES" --seed 20261201 --methods full,duo,random --sparsity 0.75,0.5 --random-seeds 1 \
-        --device "$DEVICE" >"$ROOT/passkey-$L.log" 2>&1 &
-    "$PY" -m duoattn eval niah --model "$MODEL" --pattern "$ROOT/pattern" --out "$ROOT/niah-$L" --lengths $L \
-        --depths "$DEPTHS" --chat-template --max-new-tokens 24 --methods full,duo,random --sparsity 0.75,0.5 \
-        --random-seeds 1 --device "$DEVICE" >"$ROOT/niah-$L.log" 2>&1 &
-done
-status=0
-for job in $(jobs -p); do wait "$job" || status=1; done
-echo "eval $((SECONDS - eval_start)) s, total $((SECONDS - start)) s" | tee -a "$ROOT/timings.txt"
-"$PY" "$REPO/scripts/pattern_summary.py" "$ROOT" | tee "$ROOT/summary.txt"
-if [[ $status != 0 ]]; then
-    echo "an eval process failed: see $ROOT/*.log" >&2
-    exit 1
-fi
+# 2. The eval harness on the new pattern (scripts/gpu_pattern_eval.sh).
+LENGTHS=$LENGTHS SAMPLES=$SAMPLES DEVICE=$DEVICE PYTHON=$PY "$REPO/scripts/gpu_pattern_eval.sh" "$ROOT" "$MODEL" "$ROOT/pattern"
+echo "total $((SECONDS - start)) s" | tee -a "$ROOT/timings.txt"
