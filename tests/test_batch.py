@@ -185,6 +185,87 @@ def test_membership_change_keeps_every_sequence_exact(model, kernel, bits):
         assert caches["A"].length() == prompts["A"] + 4 and int(caches["A"].state.clock) == prompts["A"] + 4
 
 
+@pytest.mark.parametrize("kernel, bits", [("torch", 16), ("torch", 4),
+                                          *(pytest.param("triton", b, marks=KERNELS[1].marks) for b in (16, 4))])
+def test_static_views_rebound_in_place_keep_every_sequence_exact(model, kernel, bits):
+    """The server's batched step on the GPU (``BatchGraphs``, here without capturing): one static view per bucket
+    of rows, rebound in place as sequences join and leave, padding rows filling the bucket. Every member row of every
+    step equals the oracle; the tensors a captured graph reads never move; padding never touches a member."""
+    from duoattn.deploy import cache_kwarg
+    from duoattn.graphs import BatchGraphs, bucket_rows
+
+    gen = torch.Generator().manual_seed(6)
+    prompts = {"A": 5, "B": 30, "C": 50, "D": 17}
+    ids = {k: torch.randint(0, 97, (1, p + 12), generator=gen).to(DEVICE) for k, p in prompts.items()}
+    quant = KVQuantConfig(bits) if bits < 16 else None
+    expected = {k: reference_logits(model, PATTERN, x, kv_quant=quant)[0] for k, x in ids.items()}
+    done = dict.fromkeys(prompts, 0)
+    assert [bucket_rows(n) for n in (1, 2, 3, 4, 5, 9)] == [2, 2, 4, 4, 8, 16]
+    with torch.no_grad(), duo_attention(model, PATTERN, kv_bits=bits, kernels=KernelChoice(decode=kernel),
+                                        cuda_graphs=False) as handle:
+        caches = {}
+        for k, p in prompts.items():
+            caches[k] = handle.new_cache(ids[k].shape[1])
+            model(ids[k][:, :p], cache=caches[k], use_cache=True)
+        graphs = BatchGraphs(model, cache_kwarg(model), handle.new_cache, max_len=128, capture=False)
+        fixed = {}
+
+        def rounds(names, n, rows):
+            for _ in range(n):
+                tokens = [int(ids[k][0, prompts[k] + done[k]]) for k in names]
+                out = graphs.step([caches[k] for k in names], tokens)
+                view = graphs.bound
+                assert view.state.batch == rows and out.shape == (len(names), 97)
+                tensors = [view.state.lengths, view.state.ids, view.state.positions]
+                if kernel == "triton":
+                    tensors += [t for layer in view.layers for t in layer.rows.tables() if t is not None]
+                ptrs = [t.data_ptr() for t in tensors]
+                assert fixed.setdefault(rows, ptrs) == ptrs  # what a captured graph reads stays in place
+                for b, k in enumerate(names):
+                    torch.testing.assert_close(out[b], expected[k][prompts[k] + done[k]], rtol=1e-4, atol=1e-4,
+                                               msg=f"{k} step {done[k]}")
+                    done[k] += 1
+
+        rounds(["A", "B", "C"], 3, 4)
+        rounds(["B", "C", "D"], 2, 4)  # A left, D joined: the same view, rebound
+        rounds(["D", "A"], 2, 2)
+        rounds(["C"], 1, 2)  # one member and a padding row
+        rounds(["A", "B", "C", "D"], 2, 4)
+        graphs.unbind()
+        assert len(graphs.views) == 2
+        for view in graphs.views.values():
+            assert view.state.used == 0 and view.caches == []  # the views hold no member once unbound
+        for k in prompts:  # every member's own clock followed its host count
+            assert caches[k].length() == prompts[k] + done[k] == int(caches[k].state.clock)
+        pad = graphs._pad
+        assert pad.length() == 1 and int(pad.state.clock) == 1
+
+
+def test_static_view_refuses_what_does_not_fit(model):
+    with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
+        pad = handle.new_cache(1, batch_size=1)
+        with pytest.raises(ValueError, match="batch-1 cache holding one token"):
+            BatchCache.static(pad, 2, 64)
+        pad.set_length(1)
+        view = BatchCache.static(pad, 2, 64)
+        caches = []
+        for n in (3, 4, 5):
+            c = handle.new_cache(20)
+            model(torch.zeros(1, n, dtype=torch.long, device=DEVICE), cache=c, use_cache=True)
+            caches.append(c)
+        with pytest.raises(ValueError, match="caches hold 3 rows, the view 2"):
+            view.bind(caches)
+        long = handle.new_cache(65)
+        model(torch.zeros(1, 2, dtype=torch.long, device=DEVICE), cache=long, use_cache=True)
+        with pytest.raises(ValueError, match="sized for 65 tokens does not fit a view made for 64"):
+            view.bind([long])
+        with pytest.raises(ValueError, match="only a view made by BatchCache.static"):
+            BatchCache(caches).bind(caches[:1])
+        view.bind(caches[:2])
+        with pytest.raises(ValueError, match="one token per member row \\(2\\)"):
+            view.step_inputs([1])
+
+
 def test_batch_view_refuses_what_it_cannot_gather(model):
     with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
         fresh = handle.new_cache(10)
@@ -200,7 +281,7 @@ def test_batch_view_refuses_what_it_cannot_gather(model):
         view = BatchCache([full])
         with pytest.raises(ValueError, match="sized for 3 tokens"):
             model(**view.step_inputs([1]), cache=view, use_cache=True)
-        with pytest.raises(ValueError, match="one token per row"):
+        with pytest.raises(ValueError, match="one token per member row"):
             view.step_inputs([1, 2])
 
 
@@ -256,6 +337,46 @@ def test_scheduler_decodes_all_requests_in_one_forward(model):
             assert shapes == [(3, 1), (2, 1)]
             for seq, want, got in zip(seqs[1:], expected[1:], logits):
                 torch.testing.assert_close(got, want[len(seq.prompt) + 1].float(), rtol=1e-4, atol=1e-4)
+    finally:
+        loop.close()
+
+
+def test_scheduler_batched_step_through_static_views(model):
+    """The scheduler's GPU path (batched steps through ``BatchGraphs``; here without capturing): every decoding
+    request's logits equal the oracle's, and a request that leaves is let go by the view at once."""
+    from duoattn.graphs import BatchGraphs
+    from duoattn.serve.metrics import ServerMetrics
+    from duoattn.serve.scheduler import Scheduler
+
+    gen = torch.Generator().manual_seed(7)
+    full = [torch.randint(0, 97, (1, n + 3), generator=gen).to(DEVICE) for n in (9, 33, 50)]
+    expected = [reference_logits(model, PATTERN, x)[0] for x in full]
+    loop = asyncio.new_event_loop()
+    try:
+        with torch.no_grad(), duo_attention(model, PATTERN, cuda_graphs=False) as handle:
+            sched = Scheduler(model, handle, set(), 64, ServerMetrics(), cuda_graphs=False)
+            assert sched.batch_graphs is None  # no CUDA: the eager view
+            sched.batch_graphs = BatchGraphs(model, sched.cache_name, handle.new_cache, 128, capture=False)
+            seqs, shapes = _prefilled_requests(sched, model, full, loop, extra=3, max_tokens=6)
+
+            def step(live):
+                logits = sched.decode(live)
+                for seq, got in zip(live, logits):
+                    x = full[seqs.index(seq)]
+                    pos = len(seq.prompt) + len(seq.generated) - 1
+                    torch.testing.assert_close(got, expected[seqs.index(seq)][pos].float(), rtol=1e-4, atol=1e-4)
+                    seq.generated.append(int(x[0, pos + 1]))
+
+            step(seqs)
+            assert shapes == [] and sched.batch_graphs.bound.state.batch == 4  # not the eager forward
+            gone = seqs[1].cache
+            sched._finish(seqs[1], None)
+            assert sched.batch_graphs.bound is None
+            assert all(gone not in view.caches for view in sched.batch_graphs.views.values())
+            step([seqs[0], seqs[2]])
+            assert sched.batch_graphs.bound.state.batch == 2
+            for seq in (seqs[0], seqs[2]):
+                assert seq.cache.length() == len(seq.prompt) + len(seq.generated) - 1
     finally:
         loop.close()
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..batch import BatchCache
 from ..checks import check_int
 from ..deploy import DuoAttentionHandle, cache_kwarg, duo_attention
+from ..graphs import BatchGraphs, GraphStep
 from ..io import atomic_write_bytes, save_figure
 from ..kernels.dispatch import DECODE_KERNELS, KernelChoice
 from ..models import default_device
@@ -115,6 +116,7 @@ class ServeRow:
     sessions: int = 0  # really allocated
     tokens_per_s: float | None = None
     ms_per_step: float | None = None
+    graph: bool = False  # the step was replayed from a CUDA graph
     status: str = "ok"
     note: str = ""
 
@@ -127,6 +129,8 @@ class LatencyRow:
     batch: int
     ms_batch: float | None = None
     ms_single: float | None = None
+    graph_batch: bool = False
+    graph_single: bool = False
     status: str = "ok"
 
 
@@ -153,12 +157,26 @@ class _Sessions:
             self.caches.append(cache)
         return ""
 
-    def time_steps(self, caches: list[Any], warmup: int, steps: int) -> float:
-        """Seconds per batched decode step over ``caches`` (after ``warmup`` untimed steps)."""
+    def time_steps(self, caches: list[Any], warmup: int, steps: int) -> tuple[float, bool]:
+        """Seconds per decode step over ``caches`` (after ``warmup`` untimed steps) as the server takes it: one
+        session replays its cache's CUDA graph, several one batched step replayed from their bucket's graph (on
+        CUDA with the Triton kernels; eager elsewhere). Also whether a graph was replayed."""
         device = self.model.device
         for c in caches:
             c.set_length(self.context)
-        view = BatchCache(caches)
+        capture = device.type == "cuda" and caches[0].graph_safe
+        graphs = None
+        if len(caches) == 1 and capture:
+            step = GraphStep(self.model, caches[0], self.cache_name)
+            replayed = True
+
+            def run(row: list[int]) -> Any:
+                return step(torch.tensor([row], device=device))
+        else:
+            graphs = BatchGraphs(self.model, self.cache_name, self.handle.new_cache, self.tokens, capture=capture)
+
+            def run(row: list[int]) -> Any:
+                return graphs.step(caches, row)
         vocab = self.model.config.vocab_size
         tokens = torch.randint(0, vocab, (warmup + steps, len(caches)), generator=self.gen).tolist()
         t0 = time.perf_counter()
@@ -166,11 +184,13 @@ class _Sessions:
             if i == warmup:
                 synchronize(device)
                 t0 = time.perf_counter()
-            self.model(**view.step_inputs(row), use_cache=True, logits_to_keep=1, **{self.cache_name: view})
+            run(row)
         synchronize(device)
         elapsed = time.perf_counter() - t0
-        view.release()
-        return elapsed / steps
+        if graphs is not None:
+            replayed = graphs.bound.state.batch in graphs.steps and graphs.steps[graphs.bound.state.batch].fits()
+            graphs.unbind()
+        return elapsed / steps, replayed
 
 
 def _budget(config: ServeBenchConfig, device: torch.device) -> int:
@@ -213,7 +233,7 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
                     row.note = sessions.allocate(row.expected_sessions, f"allocate {n} tok r={ratio} kv{bits}")
                     row.sessions = len(sessions.caches)
                     if row.sessions:
-                        s = sessions.time_steps(sessions.caches, config.warmup, config.steps)
+                        s, row.graph = sessions.time_steps(sessions.caches, config.warmup, config.steps)
                         row.ms_per_step, row.tokens_per_s = s * 1e3, row.sessions / s
                     else:
                         row.status = "oom"
@@ -232,15 +252,16 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
                     if sessions.allocate(config.latency_batch, "allocate latency batch"):
                         lat.status = "oom"
                     else:
-                        lat.ms_batch = sessions.time_steps(sessions.caches, config.warmup, config.steps) * 1e3
-                        lat.ms_single = sessions.time_steps(sessions.caches[:1], config.warmup, config.steps) * 1e3
+                        s, lat.graph_batch = sessions.time_steps(sessions.caches, config.warmup, config.steps)
+                        one, lat.graph_single = sessions.time_steps(sessions.caches[:1], config.warmup,
+                                                                    config.steps)
+                        lat.ms_batch, lat.ms_single = s * 1e3, one * 1e3
                 except OOM:
                     lat.status = "oom"
                 latency.append(lat)
                 del sessions
                 release(device)
     report = {"config": asdict(config), "environment": environment(device),
-              "eager": True,  # the batched step runs eagerly (no CUDA graph yet)
               "rows": [asdict(r) for r in rows], "latency": [asdict(r) for r in latency]}
     if config.out:
         write_serve_outputs(config.out, config, report)
@@ -248,19 +269,25 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| context | path | retrieval | KV bits | GiB / session | sessions (expected) | tokens/s | ms / step |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    def step(graph: bool) -> str:
+        return "graph" if graph else "eager"
+
+    lines = ["| context | path | retrieval | KV bits | GiB / session | sessions (expected) | tokens/s | ms / step | step |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["rows"]:
         tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
         ms = "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.2f}"
         lines.append(f"| {r['context']} | {r['path']} | {r['ratio']:.0%} | {r['kv_bits']} | "
-                     f"{r['session_bytes'] / 2**30:.3f} | {r['sessions']} ({r['expected_sessions']}) | {tps} | {ms} |")
-    lines += ["", "| retrieval | KV bits | context | batch | ms / step (batch) | ms / step (one session) |",
-              "|---:|---:|---:|---:|---:|---:|"]
+                     f"{r['session_bytes'] / 2**30:.3f} | {r['sessions']} ({r['expected_sessions']}) | {tps} | {ms} | "
+                     f"{step(r['graph'])} |")
+    lines += ["", "| retrieval | KV bits | context | batch | ms / step (batch) | ms / step (one session) | ratio | step |",
+              "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["latency"]:
         b = "-" if r["ms_batch"] is None else f"{r['ms_batch']:.2f}"
         one = "-" if r["ms_single"] is None else f"{r['ms_single']:.2f}"
-        lines.append(f"| {r['ratio']:.0%} | {r['kv_bits']} | {r['context']} | {r['batch']} | {b} | {one} |")
+        ratio = "-" if r["ms_batch"] is None or not r["ms_single"] else f"{r['ms_batch'] / r['ms_single']:.2f}x"
+        lines.append(f"| {r['ratio']:.0%} | {r['kv_bits']} | {r['context']} | {r['batch']} | {b} | {one} | {ratio} | "
+                     f"{step(r['graph_batch'])} / {step(r['graph_single'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -505,9 +505,7 @@ def decode_rows(
     n_ret, n_str = rows.n_ret, rows.n_str
     group = hq // (n_ret + n_str)
     offsets, base, codes = rows.tables()
-    # Every member's ring holds min(max_len, sink + recent) slots and its length never passes max_len, so the
-    # largest ring bounds what every row reads.
-    cap = max((m.ring_k.shape[2] for m in rows.members), default=0) if n_str else 0
+    cap = rows.ring_cap if n_str else 0  # each row reads min(its length, cap) ring slots
     q2, o2 = q[:, :, 0], out[:, 0]  # [B, Hq, D]
     table = (offsets.stride(0), offsets.stride(1), length_stride(lengths, bsz))
     shared = (o2.stride(0), o2.stride(1),

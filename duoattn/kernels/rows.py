@@ -65,9 +65,16 @@ def _heads(stored: Stored | None) -> int:
 
 class DecodeRows:
     """One layer's storage for a decode step over the rows of ``members`` (in order); ``tables``: build the
-    Triton offset table (on the members' device)."""
+    Triton offset table (on the members' device).
 
-    def __init__(self, members: Sequence[Member], tables: bool = False):
+    ``base`` / ``codes`` fix the pointers the offsets count from (by default the first member's storage), and
+    ``out`` is an existing table to write into: with both, rows of another membership are addressed through the same
+    tensors, which is what lets a captured CUDA graph decode them (:meth:`duoattn.batch.BatchCache.bind`).
+    ``ring_cap`` bounds the ring slots any row reads (default: the largest member ring).
+    """
+
+    def __init__(self, members: Sequence[Member], tables: bool = False, base: torch.Tensor | None = None,
+                 codes: torch.Tensor | None = None, out: torch.Tensor | None = None, ring_cap: int | None = None):
         if not members:
             raise ValueError("DecodeRows needs at least one member")
         self.members = list(members)
@@ -83,12 +90,20 @@ class DecodeRows:
         for i, m in enumerate(self.members):
             self._check(i, m)
         self.batch = sum(m.batch for m in self.members)
+        # Ring slots a row may read: no row reads more than its length, and no length passes its own ring, so any
+        # bound at least the largest ring is safe; a view that is rebound fixes it at the largest ring it can hold.
+        largest = max((m.ring_k.shape[2] for m in self.members if m.ring_k is not None), default=0)
+        if ring_cap is not None and ring_cap < largest:
+            raise ValueError(f"ring_cap {ring_cap} is below the largest ring of the members ({largest} slots)")
+        self.ring_cap = largest if ring_cap is None else ring_cap
         self.offsets: torch.Tensor | None = None
         self.base: torch.Tensor | None = None
         self.codes: torch.Tensor | None = None
         self.aligned = False
         if tables:
-            self._build_tables()
+            self._build_tables(base, codes, out)
+        elif base is not None or codes is not None or out is not None:
+            raise ValueError("base, codes and out describe the Triton tables: pass tables=True with them")
 
     @classmethod
     def of(cls, full_k: Stored | None, full_v: Stored | None, ring_k: torch.Tensor | None,
@@ -131,12 +146,21 @@ class DecodeRows:
     def scale_stride(self) -> int:
         return self.members[0].full_k.scale.shape[-1] if self.quantized else 0
 
-    def _build_tables(self) -> None:
+    def _build_tables(self, base: torch.Tensor | None, codes: torch.Tensor | None, out: torch.Tensor | None) -> None:
         first = self.members[0]
         if self.quantized:
             self.codes, self.base = first.full_k.data, first.full_k.scale
         else:
             self.base = first.full_k if first.full_k is not None else first.ring_k
+        if base is not None:
+            if base.dtype != self.base.dtype or base.device != self.base.device:
+                raise ValueError(f"base must be {self.base.dtype} on {self.base.device}, got {base.dtype} on "
+                                 f"{base.device}")
+            self.base = base
+        if codes is not None:
+            if not self.quantized or codes.dtype != self.codes.dtype or codes.device != self.codes.device:
+                raise ValueError("codes must be the quantised storage's dtype and device (quantised members only)")
+            self.codes = codes
         kinds = 6 if self.quantized else 2
         hkv = self.n_ret + self.n_str
         # Vectorised over each member's rows and heads: a membership change of a large batch (a server's requests
@@ -168,7 +192,14 @@ class DecodeRows:
             row = end
         self.aligned = bool((table[:2] % ALIGN == 0).all())
         with torch.inference_mode(False):  # built under no_grad / inference, read by later steps
-            self.offsets = torch.from_numpy(table).to(self.device)
+            if out is None:
+                self.offsets = torch.from_numpy(table).to(self.device)
+                return
+            if tuple(out.shape) != table.shape or out.dtype != torch.int64 or out.device != self.device:
+                raise ValueError(f"out must be an int64 table of shape {table.shape} on {self.device}, got "
+                                 f"{out.dtype} {tuple(out.shape)} on {out.device}")
+            out.copy_(torch.from_numpy(table))
+            self.offsets = out
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(offsets, base, codes)`` for the kernels."""

@@ -89,7 +89,7 @@ class Engine:
         self.metrics.watch(lambda: self.pool.waiting, lambda: self.pool.running, lambda: self.pool.in_use,
                            lambda: self.pool.capacity)
         self.scheduler = Scheduler(model, handle, self.eos_ids, config.prefill_chunk, self.metrics,
-                                   cuda_graphs=config.cuda_graphs)
+                                   cuda_graphs=config.cuda_graphs, max_len=self.context_len)
 
     # --------------------------------------------------------------------------------------------- checks
     def check_model(self, name: str) -> None:

@@ -27,6 +27,8 @@ from torch import nn
 from ..batch import BatchCache
 from ..cache import DuoCache
 from ..deploy import DuoAttentionHandle, cache_kwarg
+from ..graphs import BatchGraphs
+from ..models import text_config
 from .metrics import ServerMetrics
 from .sampling import SamplingParams, sample
 
@@ -80,14 +82,13 @@ _WAKE = object()
 _STOP = object()
 
 
-SEQUENTIAL_MAX_WITH_GRAPHS = 4
 
 
 class Scheduler:
     """Runs every request on one worker thread; :meth:`submit` and :meth:`cancel` are called from the event loop."""
 
     def __init__(self, model: nn.Module, handle: DuoAttentionHandle, eos_ids: set[int], prefill_chunk: int,
-                 metrics: ServerMetrics, cuda_graphs: bool = True):
+                 metrics: ServerMetrics, cuda_graphs: bool = True, max_len: int | None = None):
         self.model, self.handle = model, handle
         self.eos_ids = eos_ids
         self.prefill_chunk = prefill_chunk
@@ -103,10 +104,16 @@ class Scheduler:
         self.running: list[Sequence] = []
         # One decode forward for all decoding requests, unless a layer keeps transformers' own cache.
         self.batched = all(r is not None for r in handle.layer_roles)
-        # The batched forward runs eagerly, a batch-1 step replays its cache's CUDA graph. On an H200 with the
-        # Llama-3-8B shape (docs/benchmarks.md) an eager batched step took 34-47 ms at 32K (batch 1 or 16), a
-        # replayed batch-1 step 9-12 ms at 128K: up to this many requests, one replayed step each is faster.
-        self.sequential_max = SEQUENTIAL_MAX_WITH_GRAPHS if graphs is not None else 0
+        # On the GPU the batched step replays a CUDA graph too: one per batch-size bucket, over a static view that
+        # is rebound when requests join or leave (a lone request replays its own cache's graph).
+        self.batch_graphs: BatchGraphs | None = None
+        if graphs is not None and self.batched:
+            if max_len is None:
+                max_len = getattr(text_config(model), "max_position_embeddings", None)
+            if max_len is None:
+                raise ValueError("max_len is needed: the model's config has no max_position_embeddings")
+            self.batch_graphs = BatchGraphs(model, self.cache_name, handle.new_cache, max_len)
+        self.sequential_max = 1 if graphs is not None else 0
         self._batch: BatchCache | None = None
         self._batch_seqs: tuple[Sequence, ...] = ()
         self.peak_running = 0  # most requests ever running at once (a diagnostic)
@@ -198,20 +205,25 @@ class Scheduler:
     def decode(self, seqs: list[Sequence]) -> list[torch.Tensor | BaseException]:
         """One decode step for each of ``seqs``: the logits ``[vocab]`` of its next token, or what went wrong.
 
-        Batched: one ``[B, 1]`` forward over a batch view of their caches (a failure of that forward fails every
-        one of them). Otherwise one batch-1 forward per request.
+        Batched: one ``[B, 1]`` forward over a batch view of their caches, replayed from a CUDA graph on the GPU
+        (a failure of that forward fails every one of them). Otherwise one batch-1 forward per request.
         """
         if not seqs:
             return []
         if not self.batched or len(seqs) <= self.sequential_max:
-            if self._batch is not None:  # a request's own step must not run while a view holds its rows
+            if self._batch_seqs:  # a request's own step must not run while a view holds its rows
                 self._drop_batch()
             return [self._decode_one(seq) for seq in seqs]
+        tokens = [seq.generated[-1] for seq in seqs]
         try:
-            view = self._batch_of(seqs)
-            inputs = view.step_inputs([seq.generated[-1] for seq in seqs])
-            output = self.decode_forward(**inputs, use_cache=True, logits_to_keep=1, **{self.cache_name: view})
-            logits = output.logits[:, -1].float()
+            if self.batch_graphs is not None:
+                logits = self.batch_graphs.step([seq.cache for seq in seqs], tokens).float()
+                self._batch_seqs = tuple(seqs)
+            else:
+                view = self._batch_of(seqs)
+                output = self.decode_forward(**view.step_inputs(tokens), use_cache=True, logits_to_keep=1,
+                                             **{self.cache_name: view})
+                logits = output.logits[:, -1].float()
         except Exception as err:  # noqa: BLE001 - the batch fails; the worker goes on
             self._drop_batch()
             return [err] * len(seqs)
@@ -229,6 +241,8 @@ class Scheduler:
     def _drop_batch(self) -> None:
         if self._batch is not None:
             self._batch.release()
+        if self.batch_graphs is not None:
+            self.batch_graphs.unbind()
         self._batch, self._batch_seqs = None, ()
 
     def _decode_one(self, seq: Sequence) -> torch.Tensor | BaseException:
