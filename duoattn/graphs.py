@@ -212,6 +212,13 @@ class BatchGraphs:
                     self.failed = repr(err)[:300]
         return view
 
+    def warm_up(self, rows: int) -> None:
+        """Build (and capture) the view of every bucket up to the one of ``rows`` rows."""
+        n = 2
+        while n <= bucket_rows(rows):
+            self._view(n)
+            n *= 2
+
     def bind(self, caches: list[DuoCache]) -> BatchCache:
         """The view decoding ``caches`` (rebound only when they change)."""
         members = tuple(caches)

@@ -357,6 +357,9 @@ def test_scheduler_batched_step_through_static_views(model):
             sched = Scheduler(model, handle, set(), 64, ServerMetrics(), cuda_graphs=False)
             assert sched.batch_graphs is None  # no CUDA: the eager view
             sched.batch_graphs = BatchGraphs(model, sched.cache_name, handle.new_cache, 128, capture=False)
+            sched.warm_up(5)  # what a GPU server does before it opens its port: every bucket up to 5 rows
+            assert sorted(sched.batch_graphs.views) == [2, 4, 8]
+            assert all(v.state.used == 0 for v in sched.batch_graphs.views.values())
             seqs, shapes = _prefilled_requests(sched, model, full, loop, extra=3, max_tokens=6)
 
             def step(live):

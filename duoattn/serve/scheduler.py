@@ -121,6 +121,27 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None  # what stopped the worker, if it died
 
+    def warm_up(self, max_batch: int) -> None:
+        """Compile and capture before the first request, so that no request waits for it: prefill chunks (the
+        compiled streaming prefill at every chunk shape a prompt brings), a decode step (the Triton kernels) and the
+        CUDA graph of every batch-size bucket up to ``max_batch``. Runs on the caller's thread, before :meth:`start`;
+        leaves no request, cache or reservation behind."""
+        if self._thread is not None:
+            raise RuntimeError("warm up before the scheduler starts")
+        chunk = self.prefill_chunk
+        sizes = [chunk, chunk, max(1, chunk // 2 + 1)]  # first chunk, a chunk after stored tokens, a shorter last one
+        with torch.no_grad():
+            cache = self.new_cache(sum(sizes) + 2, batch_size=1)
+            for n in sizes:
+                self.model(input_ids=torch.zeros(1, n, dtype=torch.long, device=self.device), use_cache=True,
+                           logits_to_keep=1, **{self.cache_name: cache})
+            self._logits(self.decode_forward, torch.zeros(1, 1, dtype=torch.long, device=self.device), cache)
+            if self.batch_graphs is not None:
+                self.batch_graphs.warm_up(max_batch)
+        del cache
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ------------------------------------------------------------------------------------ event-loop side
     def start(self) -> None:
         if self._thread is not None:

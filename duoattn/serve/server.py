@@ -51,6 +51,10 @@ def load_engine(config: ServeConfig) -> Engine:
 def serve(config: ServeConfig) -> None:
     """Load and serve until interrupted."""
     engine = load_engine(config)
+    if engine.model.device.type == "cuda":  # compiles and graph captures, before the port opens
+        start = time.perf_counter()
+        engine.scheduler.warm_up(config.max_batch)
+        log.info("warmed up in %.1f s", time.perf_counter() - start)
     log.info("serving %s on http://%s:%d (KV pool %.2f GiB, retrieval heads %.0f%%, kv_bits %d)",
              engine.served_name, config.host, config.port, engine.pool.capacity / 2**30,
              100 * engine.handle.retrieval_ratio, engine.handle.kv_bits)
