@@ -89,7 +89,11 @@ def main(argv: list[str]) -> None:
         sys.exit(__doc__)
     source = Path(argv[0]) if argv else REPO / "docs/runs/pattern-targets-2026-12-01.json"
     out = Path(argv[1]) if len(argv) > 1 else REPO / "docs/img/pattern_targets.png"
-    print(plot(_checked(json.loads(source.read_text())), out))
+    try:
+        table = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"{source}: cannot read the table as JSON ({err})") from None
+    print(plot(_checked(table), out))
 
 
 if __name__ == "__main__":
