@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Identify a SmolLM2-135M-Instruct pattern with validation and budget-aware selection at 25% and 50% retrieval heads,
 # then run passkey and NIAH at 1K-8K on it (full / duo 25% / duo 50% / random) and print a summary table.
-# Sized for one H200 in about 7 minutes (docs/identification.md, "Budget-aware selection").
+# Sized for one H200 in about 7 minutes (docs/identification.md, "Validation and budget-aware selection").
 #
 #   scripts/gpu_pattern.sh OUT_ROOT MODEL.gguf
 #
