@@ -236,7 +236,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shapes", type=_names, default=["llama-3-8b"],
                    help="random-weight model shapes: llama-3-8b, llama-2-7b, tiny (default llama-3-8b)")
     p.add_argument("--model", default=None, help="a real model (HF id, directory, .gguf) instead of --shapes")
-    p.add_argument("--pattern", default=None, help="pattern directory for --model (default: random gates)")
+    p.add_argument("--pattern", default=None, help="pattern directory, name or Hub repo id for --model (default: random gates)")
     p.add_argument("--ratios", type=_floats, default=[1.0, 0.5, 0.25],
                    help="fractions of retrieval KV heads; 1 = full attention on the same path (default 1,0.5,0.25)")
     p.add_argument("--kv-bits", type=_ints, default=[16], help="retrieval-cache bits to compare, e.g. 16,8,4")
@@ -283,6 +283,7 @@ def check_bench_args(args: argparse.Namespace) -> None:
     """What ``duoattn bench`` can check before it builds a model or writes a file (duoattn/bench/ trusts it)."""
     from .bench.shapes import SHAPES, shape_config
     from .checks import check_choice, check_output_dir
+    from .hub import resolve_pattern_dir
     from .models import check_model_source, check_pattern_shape, model_config
     from .pattern import HeadPattern
 
@@ -300,7 +301,7 @@ def check_bench_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--shapes: unknown model shape(s) {unknown}; known: {', '.join(SHAPES)}")
         configs = {shape: shape_config(shape) for shape in args.shapes}
     if args.pattern is not None:
-        pattern = HeadPattern.load(args.pattern)
+        pattern = HeadPattern.load(resolve_pattern_dir(args.pattern))
         for name, cfg in configs.items():
             try:
                 check_pattern_shape(pattern.shape, cfg)
@@ -510,7 +511,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     d = ServeConfig()
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat) on DuoAttention")
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--pattern", default=None, help="pattern directory (default: the one shipped for the model)")
+    p.add_argument("--pattern", default=None, help="pattern directory, name or Hub repo id (default: the one shipped for the model)")
     p.add_argument("--sparsity", type=_fraction, default=d.sparsity, help="fraction of streaming heads (default 0.5)")
     p.add_argument("--kv-bits", type=int, choices=(16, 8, 4), default=d.kv_bits, help="retrieval-cache bits")
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,24 @@ def test_cli_reports_bad_settings_without_a_traceback(capsys):
     assert "ratios must lie in [0, 1]" in capsys.readouterr().err
     assert main(["bench", "--shapes", "tiny", "--kv-bits", "16,3"]) == 2
     assert "kv_bits must be some of (16, 8, 4)" in capsys.readouterr().err
+
+
+def test_bench_takes_a_shipped_pattern_by_name():
+    """``--pattern`` of ``bench`` is resolved as everywhere else (``serve`` calls the same resolver): a directory or
+    a shipped name (or a published name, or a Hub repo id)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from duoattn import HeadPattern
+    from duoattn.bench.run import head_pattern
+    from duoattn.shipped import shipped_pattern_dir
+
+    name = "SmolLM2-135M-Instruct"
+    want = HeadPattern.load(shipped_pattern_dir(name))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    for given in (name, str(shipped_pattern_dir(name))):
+        got = head_pattern(model, BenchConfig(pattern=given))
+        np.testing.assert_array_equal(got.gates, want.gates)
+        assert (got.sink, got.recent) == (want.sink, want.recent)
+    with pytest.raises(FileNotFoundError):
+        head_pattern(model, BenchConfig(pattern="no-such-pattern-name"))

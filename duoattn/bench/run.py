@@ -27,6 +27,7 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
 from ..cache import DuoCache, cache_kv_bytes
 from ..deploy import DuoAttentionHandle, cache_kwarg, duo_attention
+from ..hub import resolve_pattern_dir
 from ..kernels.dispatch import KernelChoice
 from ..models import default_device, load_model, text_config
 from ..models import head_dim as model_head_dim
@@ -54,7 +55,7 @@ def path_name(ratio: float) -> str:
 def head_pattern(model: PreTrainedModel, config: BenchConfig) -> HeadPattern:
     cfg = text_config(model)
     if config.pattern is not None:
-        return HeadPattern.load(config.pattern)
+        return HeadPattern.load(resolve_pattern_dir(config.pattern))
     return HeadPattern.random(cfg.num_hidden_layers, cfg.num_key_value_heads, seed=config.seed,
                               sink=config.sink, recent=config.recent)
 

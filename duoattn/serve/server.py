@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ..deploy import enable_duo_attention
+from ..hub import resolve_pattern_dir
 from ..models import EMBEDDED_NAME, load_model
 from ..pattern import HeadPattern
 from ..shipped import shipped_pattern_dir
@@ -40,7 +41,10 @@ def served_name(config: ServeConfig) -> str:
 def load_engine(config: ServeConfig) -> Engine:
     """The model of ``config`` with DuoAttention enabled, ready to serve."""
     name = served_name(config)
-    pattern_dir = config.pattern or shipped_pattern_dir(EMBEDDED_NAME if config.model is None else name)
+    if config.pattern is not None:
+        pattern_dir = resolve_pattern_dir(config.pattern)
+    else:
+        pattern_dir = shipped_pattern_dir(EMBEDDED_NAME if config.model is None else name)
     pattern = HeadPattern.load(pattern_dir)
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     handle = enable_duo_attention(model, pattern, sparsity=config.sparsity, kv_bits=config.kv_bits,
