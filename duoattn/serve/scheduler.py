@@ -82,8 +82,6 @@ _WAKE = object()
 _STOP = object()
 
 
-
-
 class Scheduler:
     """Runs every request on one worker thread; :meth:`submit` and :meth:`cancel` are called from the event loop."""
 
