@@ -4,10 +4,11 @@ Each running request (:class:`Sequence`) has its own batch-1 :class:`~duoattn.ca
 plus ``max_tokens``, and prefills in it. A scheduling round runs ONE ``[B, 1]`` decode forward for every request
 that has finished its prefill, through a :class:`~duoattn.batch.BatchCache` over their caches (each row with its
 own length), then at most one prefill chunk of the oldest request still prefilling, so a long prompt delays every
-other stream by one chunk per round, not by its whole prefill. The batch view is rebuilt only when the set of
-decoding requests changes (a request joins after its prefill, or leaves), and dropped as soon as one leaves, so
-its memory goes back at once. Models with local sliding-window layers (whose transformers caches a view cannot
-gather) decode one request at a time.
+other stream by one chunk per round, not by its whole prefill. The batch view is rebuilt (on the GPU: a static
+view of the batch-size bucket, rebound in place, whose CUDA graph replays the step) only when the set of decoding
+requests changes (a request joins after its prefill, or leaves), and let go as soon as one leaves, so its memory
+goes back at once. Models with local sliding-window layers (whose transformers caches a view cannot gather) decode
+one request at a time.
 """
 
 from __future__ import annotations
