@@ -8,8 +8,10 @@ import torch
 
 from duoattn.cache import DuoCache
 from duoattn.kernels.dispatch import KernelChoice
+from duoattn.kernels.rows import Member
 from duoattn.layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes, visible
 from duoattn.quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
+from duoattn.prefill import PrefillMode
 from duoattn.roles import LayerRoles
 
 
@@ -237,3 +239,228 @@ def test_kernel_choice_resolves_to_what_runs_here():
         KernelChoice(decode="triton").resolve(cpu, 16, softcap=True)
     with pytest.raises(ValueError, match="FlexAttention streaming prefill does not soft-cap"):
         KernelChoice(streaming_prefill="flex").resolve(cpu, 16, softcap=True)
+
+
+NOT_ALLOCATED = "the cache is not allocated yet: call preallocate() or run a forward pass first"
+
+
+def mixed_cache(max_len=40, **kw):
+    """A transformers layer first, then a mixed, an all-streaming and an all-retrieval DuoAttention layer (sink 2,
+    recent 4)."""
+    roles = [None, LayerRoles(1, 3, 1, 2, 4), LayerRoles(0, 2, 1, 2, 4), LayerRoles(2, 2, 1, 2, 4)]
+    return DuoCache(roles, max_len=max_len, **kw)
+
+
+def buffers(cache):
+    """Every key / value buffer of the DuoAttention layers (``None`` where a layer has no such heads)."""
+    return [b for layer in cache.layers[1:] for b in (layer.full_k, layer.full_v, layer.ring_k, layer.ring_v)]
+
+
+def test_fill_random_fills_the_stored_positions_from_the_generator():
+    cache = mixed_cache()
+    with pytest.raises(RuntimeError, match=f"^{NOT_ALLOCATED}$".replace("(", r"\(").replace(")", r"\)")):
+        cache.fill_random(3)
+    cache.preallocate(1, torch.float64, "cpu", 16)
+    with pytest.raises(ValueError, match=r"^tokens must be in \[0, 40\], got 41$"):
+        cache.fill_random(41)
+    with pytest.raises(ValueError, match=r"^tokens must be in \[0, 40\], got -1$"):
+        cache.fill_random(-1)
+    # 30 tokens: retrieval positions 0..29 and the whole 6-slot ring of every layer, nothing else
+    cache.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    assert cache.length() == 30 and int(cache.get_seq_length()) == 30 and not cache.in_prompt
+    mixed, streaming, retrieval = cache.layers[1:]
+    assert not cache.layers[0].is_initialized  # the transformers layer is left alone
+    assert mixed.full_k.shape == (1, 1, 40, 16) and streaming.full_k is None and retrieval.ring_k is None
+    for full in (mixed.full_k, mixed.full_v, retrieval.full_k, retrieval.full_v):
+        assert full.dtype == torch.float64 and (full[:, :, :30] != 0).all() and (full[:, :, 30:] == 0).all()
+    for ring in (mixed.ring_k, mixed.ring_v, streaming.ring_k, streaming.ring_v):
+        assert ring.shape[-2] == 6 and ring.dtype == torch.float64 and (ring != 0).all()
+    # normal with mean 0 and standard deviation std (3648 values: the sample's within a few hundredths)
+    values = torch.cat([b[:, :, :30].flatten() for b in buffers(cache) if b is not None])
+    assert values.numel() == 2 * (1 * 30 + 2 * 6 + 2 * 6 + 2 * 30) * 16  # K, V x heads x positions x D and values.isfinite().all()
+    assert abs(values.mean()) < 0.05 and 0.45 < values.std() < 0.55
+    # the same seed gives the same values whatever the global generator did; another seed others
+    again = mixed_cache()
+    again.preallocate(1, torch.float64, "cpu", 16)
+    torch.manual_seed(123)
+    again.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(buffers(cache), buffers(again)) if a is not None)
+    torch.manual_seed(456)
+    again.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(buffers(cache), buffers(again)) if a is not None)
+    again.fill_random(30, torch.Generator().manual_seed(1), std=0.5)
+    assert not torch.equal(again.layers[1].full_k, cache.layers[1].full_k)
+    # the default standard deviation is 1
+    again.fill_random(30, torch.Generator().manual_seed(2))
+    values = torch.cat([b[:, :, :30].flatten() for b in buffers(again) if b is not None])
+    assert abs(values.mean()) < 0.1 and 0.9 < values.std() < 1.1
+    # 4 tokens: positions 0..3, in ring slots 0..3 (below sink + recent a slot is the position)
+    fresh = mixed_cache()
+    fresh.preallocate(1, torch.float64, "cpu", 16)
+    fresh.fill_random(4, torch.Generator().manual_seed(0))
+    for layer in fresh.layers[1:]:
+        for t in (layer.full_k, layer.full_v, layer.ring_k, layer.ring_v):
+            if t is not None:
+                assert (t[:, :, :4] != 0).all() and (t[:, :, 4:] == 0).all()
+    assert fresh.length() == 4
+    # the whole capacity, and none
+    fresh.fill_random(40)
+    assert fresh.length() == 40 and (fresh.layers[3].full_k != 0).all()
+    fresh.fill_random(0)
+    assert fresh.length() == 0 and int(fresh.get_seq_length()) == 0
+
+
+def test_fill_random_quantised_codes_scales_and_zero_points():
+    # int4, std 0.5: codes uniform over every byte (two 4-bit codes each), scales uniform in [0, 2 std / 15) (the
+    # step of 15 code steps spanning 2 std), zero points uniform in [-std, 0]
+    cache = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(4))
+    cache.preallocate(1, torch.float32, "cpu", 64)
+    cache.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    layer = cache.layers[0]
+    assert layer.ring_k is None and cache.length() == 30
+    step = 2 * 0.5 / 15
+    for stored in (layer.full_k, layer.full_v):
+        codes, scale, zero = stored.data, stored.scale, stored.zero
+        assert codes.shape == (1, 2, 40, 32) and scale.shape == zero.shape == (1, 2, 40, 1)
+        assert (codes[:, :, 30:] == 0).all() and (scale[:, :, 30:] == 0).all() and (zero[:, :, 30:] == 0).all()
+        assert int(codes[:, :, :30].min()) == 0 and int(codes[:, :, :30].max()) == 255  # 1920 draws per tensor
+        assert len(codes[:, :, :30].unique()) > 250
+        s, z = scale[:, :, :30], zero[:, :, :30]  # 60 draws each
+        assert (s >= 0).all() and (s < step).all() and s.max() > 0.9 * step and s.min() < 0.1 * step
+        assert (z >= -0.5).all() and (z <= 0).all() and z.min() < -0.45 and z.max() > -0.05
+    # the same seed, whatever the global generator did: the same codes, scales and zero points
+    again = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(4))
+    again.preallocate(1, torch.float32, "cpu", 64)
+    torch.manual_seed(7)
+    again.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    for mine, theirs in ((layer.full_k, again.layers[0].full_k), (layer.full_v, again.layers[0].full_v)):
+        for a, b in zip((mine.data, mine.scale, mine.zero), (theirs.data, theirs.scale, theirs.zero)):
+            assert torch.equal(a, b)
+
+
+def test_bytes_read_of_a_quantised_and_a_half_precision_cache_by_hand():
+    # one all-retrieval int8 layer in float64: a vector is 16 bytes of codes + a float64 scale and zero point
+    q = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(8))
+    q.preallocate(1, torch.float64, "cpu", 16)
+    assert q.kv_bytes_read(30) == 2 * 2 * 30 * (16 + 2 * 8)  # (K, V) x heads x tokens x bytes per vector
+    assert q.kv_bytes_read(30) == q.kv_bytes() * 30 // 40  # the storage of 30 of its 40 positions
+    # int4 in groups of 4 channels, batch 3: 8 bytes of codes + 4 groups x (scale, zero) x 8 bytes per vector
+    g = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(4, group_size=4))
+    g.preallocate(3, torch.float64, "cpu", 16)
+    assert g.kv_bytes_read(10) == 3 * 2 * 2 * 10 * (8 + 4 * 2 * 8)
+    # bfloat16, one retrieval and one streaming head, head_dim 8: 2 bytes per channel, the ring's 6 slots at most
+    h = one_layer(1, 2, 2, 4, 40)
+    h.preallocate(1, torch.bfloat16, "cpu", 8)
+    assert h.kv_bytes_read(30) == 2 * (30 + 6) * 8 * 2
+    assert h.kv_bytes_read(3) == 2 * (3 + 3) * 8 * 2
+
+
+def test_describe_by_hand():
+    cache = one_layer(1, 2, 4, 130, 300)
+    # before the first token: the kernels asked for; sink 4 + recent 130 - 1 = 133 stored tokens -> 2 blocks of 128
+    assert cache.describe() == {"max_len": 300, "batch_size": 0, "sink": 4, "recent": 130, "prefix": 256,
+                                "decode_kernel": "auto", "streaming_prefill_kernel": "auto", "kv_bits": 16}
+    cache.preallocate(2, torch.bfloat16, "cpu", 16)  # then what runs on the CPU
+    assert cache.describe() == {"max_len": 300, "batch_size": 2, "sink": 4, "recent": 130, "prefix": 256,
+                                "decode_kernel": "torch", "streaming_prefill_kernel": "blocks", "kv_bits": 16}
+    q = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=10, kv_quant=KVQuantConfig(4),
+                 kernels=KernelChoice("torch", "flex-eager"))
+    assert q.describe() == {"max_len": 10, "batch_size": 0, "sink": 2, "recent": 4, "prefix": 128,
+                            "decode_kernel": "torch", "streaming_prefill_kernel": "flex-eager", "kv_bits": 4}
+
+
+def test_prompt_declaration_and_rewinding():
+    cache = one_layer(1, 2, 2, 4, 40)
+    with pytest.raises(ValueError, match=r"^length must be an integer >= 1, got 0$"):
+        cache.begin_prompt(0)
+    with pytest.raises(ValueError, match=r"^a prompt of 41 tokens after 0 stored does not fit the cache \(40 tokens\)$"):
+        cache.begin_prompt(41)
+    assert not cache.in_prompt
+    cache.begin_prompt(40)  # exactly the capacity
+    assert cache.in_prompt
+    with pytest.raises(RuntimeError, match=f"^{NOT_ALLOCATED}$".replace("(", r"\(").replace(")", r"\)")):
+        cache.set_length(3)
+    cache.update(*position_chunk(0, 30, 2), 0)
+    assert cache.in_prompt  # 30 of the prompt's 40 tokens
+    cache.set_length(30)  # a cache filled directly holds no prompt
+    assert not cache.in_prompt
+    with pytest.raises(ValueError, match=r"^a prompt of 11 tokens after 30 stored does not fit the cache \(40 tokens\)$"):
+        cache.begin_prompt(11)
+    cache.begin_prompt(10)
+    assert cache.in_prompt
+    cache.set_length(40)  # every position
+    assert cache.length() == 40 and int(cache.get_seq_length()) == 40 and not cache.in_prompt
+    with pytest.raises(ValueError, match=r"^tokens must be in \[0, 40\], got 41$"):
+        cache.set_length(41)
+    cache.set_length(0)  # rewound to empty
+    assert cache.length() == 0 and int(cache.get_seq_length()) == 0 and not cache.in_prompt
+    states, _ = cache.update(*position_chunk(0, 5, 2), 0)  # the next forward is a prompt again
+    assert (states.plan.start, states.plan.end) == (0, 5)
+    cache.reset()
+    assert cache.length() == 0 and int(cache.get_seq_length()) == 0 and not cache.in_prompt
+    cache.begin_prompt(40)
+    assert cache.in_prompt
+
+
+def test_a_rewound_full_prefill_cache_attends_its_next_prompt_fully():
+    """After reset() or set_length(0), in the middle of a "full" prompt: the next chunk at position 0 is a new
+    prompt whose queries all attend fully (its streaming heads' keys come back whole), history of the old one gone."""
+    for rewind in ("reset", "set_length"):
+        cache = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode("full"))], max_len=40)
+        cache.begin_prompt(30)
+        cache.update(*position_chunk(0, 20, 2), 0)
+        layer = cache.layers[0]
+        assert layer.history is not None and layer.history.k.shape == (1, 1, 30, 1)
+        cache.reset() if rewind == "reset" else cache.set_length(0)
+        k, v = position_chunk(100, 108, 2)  # 8 new tokens: a prompt of 8, all of it dense
+        states, _ = cache.update(k, v, 0)
+        assert (states.plan.start, states.plan.end, states.plan.n_streamed) == (0, 8, 0), rewind
+        assert torch.equal(states.dense[0], k[:, 1:]) and torch.equal(states.dense[1], v[:, 1:])
+        layer.end_chunk(states.plan)  # the prompt's last chunk: the history is freed
+        assert layer.history is None and not cache.in_prompt
+
+
+def test_preallocate_allocates_once():
+    cache = DuoCache([None, LayerRoles(1, 2, 1, 2, 4)], max_len=10)
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got 0$"):
+        cache.preallocate(0, torch.float32, "cpu", 1)
+    cache.update(*position_chunk(0, 5, 2), 1)
+    layer = cache.layers[1]
+    cache.preallocate(1, torch.float32, "cpu", 1)  # already allocated: the stored tokens stay
+    assert layer.full_k[0, 0, :5, 0].tolist() == [0, 1, 2, 3, 4] and layer.full_v[0, 0, 4, 0] == -4
+    assert sorted(layer.ring_k[0, 0, :5, 0].tolist()) == [0, 1, 2, 3, 4]
+    assert not cache.layers[0].is_initialized and cache.layers[0].keys is None  # the transformers layer untouched
+
+
+def test_member_is_the_layers_own_storage():
+    cache = one_layer(1, 2, 2, 4, 10)
+    layer = cache.layers[0]
+    with pytest.raises(RuntimeError, match="^layer 0 is not allocated yet$"):
+        layer.member()
+    cache.preallocate(3, torch.float32, "cpu", 4)
+    m = layer.member()
+    assert isinstance(m, Member) and m.batch == 3
+    assert m.full_k is layer.full_k and m.full_v is layer.full_v and m.ring_k is layer.ring_k
+    assert m.ring_v is layer.ring_v
+
+
+def test_unsupported_layer_operations_say_why():
+    cache = one_layer(1, 2, 2, 3, 8)
+    layer = cache.layers[0]
+    cache.update(*position_chunk(0, 4, 2), 0)
+    batch = "^the DuoAttention cache keeps its batch size; start a new cache instead$"
+    with pytest.raises(NotImplementedError, match=batch):
+        layer.batch_select_indices(torch.tensor([0]))
+    with pytest.raises(NotImplementedError, match=batch):
+        layer.batch_repeat_interleave(2)
+    layer.crop(0)  # removing nothing is allowed
+    for n in (1, -1):
+        with pytest.raises(NotImplementedError, match="^a DuoAttention cache cannot be cropped: streaming heads have "
+                                                      "already dropped the evicted tokens$"):
+            layer.crop(n)
+    offloading = "^cache offloading is not supported with DuoAttention$"
+    with pytest.raises(NotImplementedError, match=offloading):
+        layer.offload()
+    with pytest.raises(NotImplementedError, match=offloading):
+        layer.prefetch()
+    assert cache.length() == 4 and layer.full_k[0, 0, :4, 0].tolist() == [0, 1, 2, 3]
