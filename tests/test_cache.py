@@ -464,3 +464,85 @@ def test_unsupported_layer_operations_say_why():
     with pytest.raises(NotImplementedError, match=offloading):
         layer.prefetch()
     assert cache.length() == 4 and layer.full_k[0, 0, :4, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_refusals_while_storing_name_the_positions():
+    cache = one_layer(1, 2, 2, 4, 10)
+    cache.update(*position_chunk(0, 8, 2), 0)
+    with pytest.raises(ValueError, match=r"^the DuoAttention cache was sized for 10 tokens; 8 stored \+ 3 new would "
+                                         r"not fit \(pass a larger max_new_tokens to generate, or a cache from "
+                                         r"handle\.new_cache\(max_len=\.\.\.\)\)$"):
+        cache.update(*position_chunk(8, 11, 2), 0)
+    full = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode("full"))], max_len=40)
+    full.begin_prompt(12)
+    with pytest.raises(ValueError, match=r"^a chunk at positions 0\.\.15 crosses the end of the prompt declared with "
+                                         r"cache\.begin_prompt \(12 tokens\): feed the prompt, then the rest$"):
+        full.update(*position_chunk(0, 16, 2), 0)
+    full.update(*position_chunk(0, 5, 2), 0)  # a prompt of 5 declared by its first forward
+    with pytest.raises(ValueError, match=r"^prefill='full' needs the whole prompt in an empty cache: this one holds 5 "
+                                         r"tokens, whose streaming heads have dropped their middle tokens \(use "
+                                         r"prefill='streaming' to continue a cache\)$"):
+        full.begin_prompt(3)
+    # the streaming mode continues a cache: a prompt may follow stored tokens
+    stream = one_layer(1, 2, 2, 4, 40)
+    stream.update(*position_chunk(0, 16, 2), 0)
+    stream.begin_prompt(4)
+    assert stream.in_prompt and stream.length() == 16
+
+
+@pytest.mark.parametrize("mode, chunks, expected", [
+    # (start, end, streamed queries, kept for later dense queries) per chunk; None: a decode step
+    ("streaming", [10, 1, 1, 8], [(0, 10, 10, False), None, None, (12, 20, 8, False)]),
+    ("full", [10, 1, 9, 1], [(0, 10, 0, True), (10, 11, 0, True), (11, 20, 0, False), None]),
+    ("window:5", [10, 5, 1, 4, 1], [(0, 10, 10, True), (10, 15, 5, True), (15, 16, 0, True), (16, 20, 0, False),
+                                    None]),
+    ("full", [20, 1], [(0, 20, 0, False), None]),  # a prompt in one pass keeps nothing
+])
+def test_chunk_plans_of_a_20_token_prompt_by_hand(mode, chunks, expected):
+    """A declared 20-token prompt: full mode's queries all attend fully; window:5's from position 15 on. A chunk is
+    kept while a later prompt chunk has dense queries; a token after the prompt is a decode step."""
+    cache = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode.parse(mode))], max_len=40)
+    cache.begin_prompt(20)
+    t, got = 0, []
+    for size in chunks:
+        states, _ = cache.update(*position_chunk(t, t + size, 2), 0)
+        plan = states.plan
+        got.append(None if plan is None else (plan.start, plan.end, plan.n_streamed, plan.record))
+        if plan is not None:
+            cache.layers[0].end_chunk(plan)
+        t += size
+    assert got == expected
+    assert cache.layers[0].history is None and not cache.in_prompt
+    if mode == "streaming":
+        return
+    fresh = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode.parse(mode))], max_len=40)
+    states, _ = fresh.update(*position_chunk(0, 1, 2), 0)  # a one-token prompt in a dense mode is not a decode step
+    assert (states.plan.start, states.plan.end, states.plan.n_streamed) == (0, 1, 0)
+
+
+def test_kernel_choice_is_checked_against_the_cache_at_allocation():
+    capped = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, softcap=True, kernels=KernelChoice(streaming_prefill="flex"))
+    with pytest.raises(ValueError, match="FlexAttention streaming prefill does not soft-cap"):
+        capped.preallocate(1, torch.float32, "cpu", 16)
+    assert DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, kernels=KernelChoice(streaming_prefill="flex")).describe()[
+        "streaming_prefill_kernel"] == "flex"
+    quantised = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, kv_quant=KVQuantConfig(8),
+                         kernels=KernelChoice(decode="triton"))
+    with pytest.raises(ValueError, match="power-of-two head_dim >= 32, got 16"):
+        quantised.preallocate(1, torch.float32, "cpu", 16)
+    plain = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, kernels=KernelChoice(decode="triton"))
+    plain.preallocate(1, torch.float32, "cpu", 16)  # 16 channels suffice unquantised
+    assert plain.describe()["decode_kernel"] == "triton"
+
+
+def test_storage_allocated_under_inference_mode_is_updated_after_it():
+    """A cache first used inside inference_mode (a generate call) is later rewound and refilled outside it."""
+    cache = one_layer(1, 2, 2, 4, 20)
+    with torch.inference_mode():
+        cache.update(*position_chunk(0, 6, 2), 0)
+    layer = cache.layers[0]
+    assert not layer.full_k.is_inference() and not cache.state.clock.is_inference()
+    cache.update(*position_chunk(6, 7, 2), 0)  # a decode step outside
+    cache.set_length(3)
+    cache.fill_random(5, torch.Generator().manual_seed(0))
+    assert cache.length() == 5 and (layer.full_k[0, 0, :5, 0] != 0).all()
