@@ -546,3 +546,18 @@ def test_storage_allocated_under_inference_mode_is_updated_after_it():
     cache.set_length(3)
     cache.fill_random(5, torch.Generator().manual_seed(0))
     assert cache.length() == 5 and (layer.full_k[0, 0, :5, 0] != 0).all()
+
+
+def test_a_chunk_must_be_planned_by_the_first_layer():
+    """The first DuoAttention layer plans each forward's chunk; another layer receiving a chunk it was not planned for
+    (none yet, or of another size) is refused."""
+    cache = DuoCache([LayerRoles(1, 2, 1, 2, 4)] * 2, max_len=20)
+    unplanned = "^a prefill chunk reached layer 1 before it was planned$"
+    with pytest.raises(RuntimeError, match=unplanned):
+        cache.update(*position_chunk(0, 5, 2), 1)
+    cache.update(*position_chunk(0, 5, 2), 0)
+    with pytest.raises(RuntimeError, match=unplanned):
+        cache.update(*position_chunk(0, 3, 2), 1)
+    states, _ = cache.update(*position_chunk(0, 5, 2), 1)  # the planned chunk
+    assert (states.plan.start, states.plan.end) == (0, 5) and cache.length() == 5
+    assert cache.layers[1].full_k[0, 0, :5, 0].tolist() == [0, 1, 2, 3, 4]
