@@ -3,16 +3,26 @@ hand, and the KV-bytes formula."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
 from duoattn.cache import DuoCache
+from duoattn.kernels import dispatch
 from duoattn.kernels.dispatch import KernelChoice
 from duoattn.kernels.rows import Member
 from duoattn.layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes, visible
 from duoattn.quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
 from duoattn.prefill import PrefillMode
 from duoattn.roles import LayerRoles
+
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+if HAVE_TRITON:
+    from test_triton_kernels import interpreter_on_numpy2  # noqa: F401 - the interpreter fix-up (autouse)
 
 
 def position_chunk(t0, t1, heads, batch=1):
@@ -561,3 +571,34 @@ def test_a_chunk_must_be_planned_by_the_first_layer():
     states, _ = cache.update(*position_chunk(0, 5, 2), 1)  # the planned chunk
     assert (states.plan.start, states.plan.end) == (0, 5) and cache.length() == 5
     assert cache.layers[1].full_k[0, 0, :5, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (the interpreter without a GPU)")
+@pytest.mark.parametrize("kv_quant", [None, KVQuantConfig(8)], ids=["dense", "int8"])
+def test_triton_decode_reads_what_the_cache_allocated(kv_quant):
+    """A Triton cache's decode steps (append, then split-KV decode over the cache's own rows, offset tables, splits
+    and workspaces) against the torch decode of a cache holding the same tokens: batch 2, two query heads per KV
+    head, one retrieval and one streaming KV head."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    caches = {}
+    for decode in ("torch", "triton"):
+        cache = DuoCache([LayerRoles(1, 2, 2, 2, 4)], max_len=40, kv_quant=kv_quant, kernels=KernelChoice(decode))
+        cache.preallocate(2, torch.float32, device, 32)
+        cache.fill_random(25, torch.Generator(device=device).manual_seed(0))
+        caches[decode] = cache
+    assert caches["triton"].describe()["decode_kernel"] == "triton"
+    gen = torch.Generator(device=device).manual_seed(1)
+    outs = {}
+    for decode, cache in caches.items():
+        layer, s = cache.layers[0], cache.state
+        steps = []
+        for step in range(2):
+            k = torch.randn(2, 2, 1, 32, generator=gen.manual_seed(10 + step), device=device)
+            q = torch.randn(2, 4, 1, 32, generator=gen.manual_seed(20 + step), device=device)
+            states, _ = cache.update(k, -k, 0)
+            assert states.plan is None  # a decode step
+            steps.append(dispatch.decode_rows(s.kernels, q, layer.rows, s.lengths, s.member_lengths, s.workspace,
+                                              32 ** -0.5, layer.splits).clone())
+        outs[decode] = torch.stack(steps)
+    assert outs["triton"].shape == (2, 2, 1, 4, 32)
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-4)
