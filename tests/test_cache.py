@@ -493,7 +493,12 @@ def test_refusals_while_storing_name_the_positions():
                                          r"tokens, whose streaming heads have dropped their middle tokens \(use "
                                          r"prefill='streaming' to continue a cache\)$"):
         full.begin_prompt(3)
-    # the streaming mode continues a cache: a prompt may follow stored tokens
+    # the streaming mode continues a cache: a chunk may run past the declared prompt (all its queries stream), a
+    # prompt may follow stored tokens
+    past = one_layer(1, 2, 2, 4, 40)
+    past.begin_prompt(12)
+    states, _ = past.update(*position_chunk(0, 16, 2), 0)
+    assert (states.plan.start, states.plan.end, states.plan.n_streamed) == (0, 16, 16) and states.dense is None
     stream = one_layer(1, 2, 2, 4, 40)
     stream.update(*position_chunk(0, 16, 2), 0)
     stream.begin_prompt(4)
