@@ -607,3 +607,27 @@ def test_triton_decode_reads_what_the_cache_allocated(kv_quant):
         outs[decode] = torch.stack(steps)
     assert outs["triton"].shape == (2, 2, 1, 4, 32)
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-4)
+
+
+def test_local_layers_keep_the_cache_layers_of_the_config():
+    """Layers without roles (Gemma 2's sliding-window layers) get transformers' layer for the config's layer type;
+    without a config, a dynamic layer."""
+    import transformers
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from duoattn.cache import DuoLayer
+
+    config = transformers.Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6)
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
+    roles = LayerRoles(1, 2, 2, 2, 4)
+    cache = DuoCache([None, roles, None, roles], max_len=20, config=config)
+    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, DuoLayer] * 2
+    assert (cache.layers[1].layer_idx, cache.layers[3].layer_idx) == (1, 3)
+    assert (cache.state.first_layer, cache.state.last_layer) == (1, 3)
+    plain = DuoCache([None, roles], max_len=20)
+    assert [type(layer) for layer in plain.layers] == [DynamicLayer, DuoLayer]
+    with pytest.raises(ValueError, match="^config has 4 layers, layer_roles has 2$"):
+        DuoCache([None, roles], max_len=20, config=config)
+    with pytest.raises(ValueError, match="^a DuoCache needs at least one DuoAttention layer$"):
+        DuoCache([None, None], max_len=4, config=config)
