@@ -629,5 +629,6 @@ def test_local_layers_keep_the_cache_layers_of_the_config():
     assert [type(layer) for layer in plain.layers] == [DynamicLayer, DuoLayer]
     with pytest.raises(ValueError, match="^config has 4 layers, layer_roles has 2$"):
         DuoCache([None, roles], max_len=20, config=config)
+    assert len(DuoCache([roles] * 2, max_len=20, config=config).layers) == 2  # no layer needs the config
     with pytest.raises(ValueError, match="^a DuoCache needs at least one DuoAttention layer$"):
         DuoCache([None, None], max_len=4, config=config)
