@@ -247,7 +247,8 @@ class DuoLayer(PreallocatedLayer):
         if not s.prefill.streams and start < s.prompt_end < end:
             raise ValueError(f"a chunk at positions {start}..{end - 1} crosses the end of the prompt declared with "
                              f"cache.begin_prompt ({s.prompt_end} tokens): feed the prompt, then the rest")
-        dense = start < s.prompt_end and end > s.dense_from  # some queries attend fully on every head
+        # some queries attend fully on every head: the chunk meets [dense_from, prompt_end), empty when streaming
+        dense = max(start, s.dense_from) < min(end, s.prompt_end)
         keep = not s.prefill.streams and end < s.prompt_end  # a later prompt chunk has dense queries
         if c == 1 and not (dense or keep):  # a decode step
             s.plan = None

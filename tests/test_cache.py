@@ -3,14 +3,26 @@ hand, and the KV-bytes formula."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
 from duoattn.cache import DuoCache
+from duoattn.kernels import dispatch
 from duoattn.kernels.dispatch import KernelChoice
+from duoattn.kernels.rows import Member
 from duoattn.layout import ChunkPlan, prefix_length, ring_slot, split_kv_bytes, visible
 from duoattn.quant.kv import KVQuantConfig, QuantizedKV, dequantize, quantize
+from duoattn.prefill import PrefillMode
 from duoattn.roles import LayerRoles
+
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+if HAVE_TRITON:
+    from test_triton_kernels import interpreter_on_numpy2  # noqa: F401 - the interpreter fix-up (autouse)
 
 
 def position_chunk(t0, t1, heads, batch=1):
@@ -237,3 +249,386 @@ def test_kernel_choice_resolves_to_what_runs_here():
         KernelChoice(decode="triton").resolve(cpu, 16, softcap=True)
     with pytest.raises(ValueError, match="FlexAttention streaming prefill does not soft-cap"):
         KernelChoice(streaming_prefill="flex").resolve(cpu, 16, softcap=True)
+
+
+NOT_ALLOCATED = "the cache is not allocated yet: call preallocate() or run a forward pass first"
+
+
+def mixed_cache(max_len=40, **kw):
+    """A transformers layer first, then a mixed, an all-streaming and an all-retrieval DuoAttention layer (sink 2,
+    recent 4)."""
+    roles = [None, LayerRoles(1, 3, 1, 2, 4), LayerRoles(0, 2, 1, 2, 4), LayerRoles(2, 2, 1, 2, 4)]
+    return DuoCache(roles, max_len=max_len, **kw)
+
+
+def buffers(cache):
+    """Every key / value buffer of the DuoAttention layers (``None`` where a layer has no such heads)."""
+    return [b for layer in cache.layers[1:] for b in (layer.full_k, layer.full_v, layer.ring_k, layer.ring_v)]
+
+
+def test_fill_random_fills_the_stored_positions_from_the_generator():
+    cache = mixed_cache()
+    with pytest.raises(RuntimeError, match=f"^{NOT_ALLOCATED}$".replace("(", r"\(").replace(")", r"\)")):
+        cache.fill_random(3)
+    cache.preallocate(1, torch.float64, "cpu", 16)
+    with pytest.raises(ValueError, match=r"^tokens must be in \[0, 40\], got 41$"):
+        cache.fill_random(41)
+    with pytest.raises(ValueError, match=r"^tokens must be in \[0, 40\], got -1$"):
+        cache.fill_random(-1)
+    # 30 tokens: retrieval positions 0..29 and the whole 6-slot ring of every layer, nothing else
+    cache.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    assert cache.length() == 30 and int(cache.get_seq_length()) == 30 and not cache.in_prompt
+    mixed, streaming, retrieval = cache.layers[1:]
+    assert not cache.layers[0].is_initialized  # the transformers layer is left alone
+    assert mixed.full_k.shape == (1, 1, 40, 16) and streaming.full_k is None and retrieval.ring_k is None
+    for full in (mixed.full_k, mixed.full_v, retrieval.full_k, retrieval.full_v):
+        assert full.dtype == torch.float64 and (full[:, :, :30] != 0).all() and (full[:, :, 30:] == 0).all()
+    for ring in (mixed.ring_k, mixed.ring_v, streaming.ring_k, streaming.ring_v):
+        assert ring.shape[-2] == 6 and ring.dtype == torch.float64 and (ring != 0).all()
+    # normal with mean 0 and standard deviation std (3648 values: the sample's within a few hundredths)
+    values = torch.cat([b[:, :, :30].flatten() for b in buffers(cache) if b is not None])
+    assert values.numel() == 2 * (1 * 30 + 2 * 6 + 2 * 6 + 2 * 30) * 16  # K, V x heads x positions x D and values.isfinite().all()
+    assert abs(values.mean()) < 0.05 and 0.45 < values.std() < 0.55
+    # the same seed gives the same values whatever the global generator did; another seed others
+    again = mixed_cache()
+    again.preallocate(1, torch.float64, "cpu", 16)
+    torch.manual_seed(123)
+    again.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(buffers(cache), buffers(again)) if a is not None)
+    torch.manual_seed(456)
+    again.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(buffers(cache), buffers(again)) if a is not None)
+    again.fill_random(30, torch.Generator().manual_seed(1), std=0.5)
+    assert not torch.equal(again.layers[1].full_k, cache.layers[1].full_k)
+    # the default standard deviation is 1
+    again.fill_random(30, torch.Generator().manual_seed(2))
+    values = torch.cat([b[:, :, :30].flatten() for b in buffers(again) if b is not None])
+    assert abs(values.mean()) < 0.1 and 0.9 < values.std() < 1.1
+    # 4 tokens: positions 0..3, in ring slots 0..3 (below sink + recent a slot is the position)
+    fresh = mixed_cache()
+    fresh.preallocate(1, torch.float64, "cpu", 16)
+    fresh.fill_random(4, torch.Generator().manual_seed(0))
+    for layer in fresh.layers[1:]:
+        for t in (layer.full_k, layer.full_v, layer.ring_k, layer.ring_v):
+            if t is not None:
+                assert (t[:, :, :4] != 0).all() and (t[:, :, 4:] == 0).all()
+    assert fresh.length() == 4
+    # the whole capacity, and none
+    fresh.fill_random(40)
+    assert fresh.length() == 40 and (fresh.layers[3].full_k != 0).all()
+    fresh.fill_random(0)
+    assert fresh.length() == 0 and int(fresh.get_seq_length()) == 0
+
+
+def test_fill_random_quantised_codes_scales_and_zero_points():
+    # int4, std 0.5: codes uniform over every byte (two 4-bit codes each), scales uniform in [0, 2 std / 15) (the
+    # step of 15 code steps spanning 2 std), zero points uniform in [-std, 0]
+    cache = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(4))
+    cache.preallocate(1, torch.float32, "cpu", 64)
+    cache.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    layer = cache.layers[0]
+    assert layer.ring_k is None and cache.length() == 30
+    step = 2 * 0.5 / 15
+    for stored in (layer.full_k, layer.full_v):
+        codes, scale, zero = stored.data, stored.scale, stored.zero
+        assert codes.shape == (1, 2, 40, 32) and scale.shape == zero.shape == (1, 2, 40, 1)
+        assert (codes[:, :, 30:] == 0).all() and (scale[:, :, 30:] == 0).all() and (zero[:, :, 30:] == 0).all()
+        assert int(codes[:, :, :30].min()) == 0 and int(codes[:, :, :30].max()) == 255  # 1920 draws per tensor
+        assert len(codes[:, :, :30].unique()) > 250
+        s, z = scale[:, :, :30], zero[:, :, :30]  # 60 draws each
+        assert (s >= 0).all() and (s < step).all() and s.max() > 0.9 * step and s.min() < 0.1 * step
+        assert (z >= -0.5).all() and (z <= 0).all() and z.min() < -0.45 and z.max() > -0.05
+    # the same seed, whatever the global generator did: the same codes, scales and zero points
+    again = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(4))
+    again.preallocate(1, torch.float32, "cpu", 64)
+    torch.manual_seed(7)
+    again.fill_random(30, torch.Generator().manual_seed(0), std=0.5)
+    for mine, theirs in ((layer.full_k, again.layers[0].full_k), (layer.full_v, again.layers[0].full_v)):
+        for a, b in zip((mine.data, mine.scale, mine.zero), (theirs.data, theirs.scale, theirs.zero)):
+            assert torch.equal(a, b)
+
+
+def test_bytes_read_of_a_quantised_and_a_half_precision_cache_by_hand():
+    # one all-retrieval int8 layer in float64: a vector is 16 bytes of codes + a float64 scale and zero point
+    q = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(8))
+    q.preallocate(1, torch.float64, "cpu", 16)
+    assert q.kv_bytes_read(30) == 2 * 2 * 30 * (16 + 2 * 8)  # (K, V) x heads x tokens x bytes per vector
+    assert q.kv_bytes_read(30) == q.kv_bytes() * 30 // 40  # the storage of 30 of its 40 positions
+    # int4 in groups of 4 channels, batch 3: 8 bytes of codes + 4 groups x (scale, zero) x 8 bytes per vector
+    g = DuoCache([LayerRoles(2, 2, 1, 2, 4)], max_len=40, kv_quant=KVQuantConfig(4, group_size=4))
+    g.preallocate(3, torch.float64, "cpu", 16)
+    assert g.kv_bytes_read(10) == 3 * 2 * 2 * 10 * (8 + 4 * 2 * 8)
+    # bfloat16, one retrieval and one streaming head, head_dim 8: 2 bytes per channel, the ring's 6 slots at most
+    h = one_layer(1, 2, 2, 4, 40)
+    h.preallocate(1, torch.bfloat16, "cpu", 8)
+    assert h.kv_bytes_read(30) == 2 * (30 + 6) * 8 * 2
+    assert h.kv_bytes_read(3) == 2 * (3 + 3) * 8 * 2
+
+
+def test_describe_by_hand():
+    cache = one_layer(1, 2, 4, 130, 300)
+    # before the first token: the kernels asked for; sink 4 + recent 130 - 1 = 133 stored tokens -> 2 blocks of 128
+    assert cache.describe() == {"max_len": 300, "batch_size": 0, "sink": 4, "recent": 130, "prefix": 256,
+                                "decode_kernel": "auto", "streaming_prefill_kernel": "auto", "kv_bits": 16}
+    cache.preallocate(2, torch.bfloat16, "cpu", 16)  # then what runs on the CPU
+    assert cache.describe() == {"max_len": 300, "batch_size": 2, "sink": 4, "recent": 130, "prefix": 256,
+                                "decode_kernel": "torch", "streaming_prefill_kernel": "blocks", "kv_bits": 16}
+    q = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=10, kv_quant=KVQuantConfig(4),
+                 kernels=KernelChoice("torch", "flex-eager"))
+    assert q.describe() == {"max_len": 10, "batch_size": 0, "sink": 2, "recent": 4, "prefix": 128,
+                            "decode_kernel": "torch", "streaming_prefill_kernel": "flex-eager", "kv_bits": 4}
+
+
+def test_prompt_declaration_and_rewinding():
+    cache = one_layer(1, 2, 2, 4, 40)
+    with pytest.raises(ValueError, match=r"^length must be an integer >= 1, got 0$"):
+        cache.begin_prompt(0)
+    with pytest.raises(ValueError, match=r"^a prompt of 41 tokens after 0 stored does not fit the cache \(40 tokens\)$"):
+        cache.begin_prompt(41)
+    assert not cache.in_prompt
+    cache.begin_prompt(40)  # exactly the capacity
+    assert cache.in_prompt
+    with pytest.raises(RuntimeError, match=f"^{NOT_ALLOCATED}$".replace("(", r"\(").replace(")", r"\)")):
+        cache.set_length(3)
+    cache.update(*position_chunk(0, 30, 2), 0)
+    assert cache.in_prompt  # 30 of the prompt's 40 tokens
+    cache.set_length(30)  # a cache filled directly holds no prompt
+    assert not cache.in_prompt
+    with pytest.raises(ValueError, match=r"^a prompt of 11 tokens after 30 stored does not fit the cache \(40 tokens\)$"):
+        cache.begin_prompt(11)
+    cache.begin_prompt(10)
+    assert cache.in_prompt
+    cache.set_length(40)  # every position
+    assert cache.length() == 40 and int(cache.get_seq_length()) == 40 and not cache.in_prompt
+    with pytest.raises(ValueError, match=r"^tokens must be in \[0, 40\], got 41$"):
+        cache.set_length(41)
+    cache.set_length(0)  # rewound to empty
+    assert cache.length() == 0 and int(cache.get_seq_length()) == 0 and not cache.in_prompt
+    states, _ = cache.update(*position_chunk(0, 5, 2), 0)  # the next forward is a prompt again
+    assert (states.plan.start, states.plan.end) == (0, 5)
+    cache.reset()
+    assert cache.length() == 0 and int(cache.get_seq_length()) == 0 and not cache.in_prompt
+    cache.begin_prompt(40)
+    assert cache.in_prompt
+
+
+def test_a_rewound_full_prefill_cache_attends_its_next_prompt_fully():
+    """After reset() or set_length(0), in the middle of a "full" prompt: the next chunk at position 0 is a new
+    prompt whose queries all attend fully (its streaming heads' keys come back whole), history of the old one gone."""
+    for rewind in ("reset", "set_length"):
+        cache = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode("full"))], max_len=40)
+        cache.begin_prompt(30)
+        cache.update(*position_chunk(0, 20, 2), 0)
+        layer = cache.layers[0]
+        assert layer.history is not None and layer.history.k.shape == (1, 1, 30, 1)
+        cache.reset() if rewind == "reset" else cache.set_length(0)
+        k, v = position_chunk(100, 108, 2)  # 8 new tokens: a prompt of 8, all of it dense
+        states, _ = cache.update(k, v, 0)
+        assert (states.plan.start, states.plan.end, states.plan.n_streamed) == (0, 8, 0), rewind
+        assert torch.equal(states.dense[0], k[:, 1:]) and torch.equal(states.dense[1], v[:, 1:])
+        layer.end_chunk(states.plan)  # the prompt's last chunk: the history is freed
+        assert layer.history is None and not cache.in_prompt
+
+
+def test_preallocate_allocates_once():
+    cache = DuoCache([None, LayerRoles(1, 2, 1, 2, 4)], max_len=10)
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got 0$"):
+        cache.preallocate(0, torch.float32, "cpu", 1)
+    cache.update(*position_chunk(0, 5, 2), 1)
+    layer = cache.layers[1]
+    cache.preallocate(1, torch.float32, "cpu", 1)  # already allocated: the stored tokens stay
+    assert layer.full_k[0, 0, :5, 0].tolist() == [0, 1, 2, 3, 4] and layer.full_v[0, 0, 4, 0] == -4
+    assert sorted(layer.ring_k[0, 0, :5, 0].tolist()) == [0, 1, 2, 3, 4]
+    assert not cache.layers[0].is_initialized and cache.layers[0].keys is None  # the transformers layer untouched
+
+
+def test_member_is_the_layers_own_storage():
+    cache = one_layer(1, 2, 2, 4, 10)
+    layer = cache.layers[0]
+    with pytest.raises(RuntimeError, match="^layer 0 is not allocated yet$"):
+        layer.member()
+    cache.preallocate(3, torch.float32, "cpu", 4)
+    m = layer.member()
+    assert isinstance(m, Member) and m.batch == 3
+    assert m.full_k is layer.full_k and m.full_v is layer.full_v and m.ring_k is layer.ring_k
+    assert m.ring_v is layer.ring_v
+
+
+def test_unsupported_layer_operations_say_why():
+    cache = one_layer(1, 2, 2, 3, 8)
+    layer = cache.layers[0]
+    cache.update(*position_chunk(0, 4, 2), 0)
+    batch = "^the DuoAttention cache keeps its batch size; start a new cache instead$"
+    with pytest.raises(NotImplementedError, match=batch):
+        layer.batch_select_indices(torch.tensor([0]))
+    with pytest.raises(NotImplementedError, match=batch):
+        layer.batch_repeat_interleave(2)
+    layer.crop(0)  # removing nothing is allowed
+    for n in (1, -1):
+        with pytest.raises(NotImplementedError, match="^a DuoAttention cache cannot be cropped: streaming heads have "
+                                                      "already dropped the evicted tokens$"):
+            layer.crop(n)
+    offloading = "^cache offloading is not supported with DuoAttention$"
+    with pytest.raises(NotImplementedError, match=offloading):
+        layer.offload()
+    with pytest.raises(NotImplementedError, match=offloading):
+        layer.prefetch()
+    assert cache.length() == 4 and layer.full_k[0, 0, :4, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_refusals_while_storing_name_the_positions():
+    cache = one_layer(1, 2, 2, 4, 10)
+    cache.update(*position_chunk(0, 8, 2), 0)
+    with pytest.raises(ValueError, match=r"^the DuoAttention cache was sized for 10 tokens; 8 stored \+ 3 new would "
+                                         r"not fit \(pass a larger max_new_tokens to generate, or a cache from "
+                                         r"handle\.new_cache\(max_len=\.\.\.\)\)$"):
+        cache.update(*position_chunk(8, 11, 2), 0)
+    full = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode("full"))], max_len=40)
+    full.begin_prompt(12)
+    with pytest.raises(ValueError, match=r"^a chunk at positions 0\.\.15 crosses the end of the prompt declared with "
+                                         r"cache\.begin_prompt \(12 tokens\): feed the prompt, then the rest$"):
+        full.update(*position_chunk(0, 16, 2), 0)
+    full.update(*position_chunk(0, 5, 2), 0)  # a prompt of 5 declared by its first forward
+    with pytest.raises(ValueError, match=r"^prefill='full' needs the whole prompt in an empty cache: this one holds 5 "
+                                         r"tokens, whose streaming heads have dropped their middle tokens \(use "
+                                         r"prefill='streaming' to continue a cache\)$"):
+        full.begin_prompt(3)
+    # the streaming mode continues a cache: a chunk may run past the declared prompt (all its queries stream), a
+    # prompt may follow stored tokens
+    past = one_layer(1, 2, 2, 4, 40)
+    past.begin_prompt(12)
+    states, _ = past.update(*position_chunk(0, 16, 2), 0)
+    assert (states.plan.start, states.plan.end, states.plan.n_streamed) == (0, 16, 16) and states.dense is None
+    stream = one_layer(1, 2, 2, 4, 40)
+    stream.update(*position_chunk(0, 16, 2), 0)
+    stream.begin_prompt(4)
+    assert stream.in_prompt and stream.length() == 16
+
+
+@pytest.mark.parametrize("mode, chunks, expected", [
+    # (start, end, streamed queries, kept for later dense queries) per chunk; None: a decode step
+    ("streaming", [10, 1, 1, 8], [(0, 10, 10, False), None, None, (12, 20, 8, False)]),
+    ("full", [10, 1, 9, 1], [(0, 10, 0, True), (10, 11, 0, True), (11, 20, 0, False), None]),
+    ("window:5", [10, 5, 1, 4, 1], [(0, 10, 10, True), (10, 15, 5, True), (15, 16, 0, True), (16, 20, 0, False),
+                                    None]),
+    ("full", [20, 1], [(0, 20, 0, False), None]),  # a prompt in one pass keeps nothing
+])
+def test_chunk_plans_of_a_20_token_prompt_by_hand(mode, chunks, expected):
+    """A declared 20-token prompt: full mode's queries all attend fully; window:5's from position 15 on. A chunk is
+    kept while a later prompt chunk has dense queries; a token after the prompt is a decode step."""
+    cache = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode.parse(mode))], max_len=40)
+    cache.begin_prompt(20)
+    t, got = 0, []
+    for size in chunks:
+        states, _ = cache.update(*position_chunk(t, t + size, 2), 0)
+        plan = states.plan
+        got.append(None if plan is None else (plan.start, plan.end, plan.n_streamed, plan.record))
+        if plan is not None:
+            cache.layers[0].end_chunk(plan)
+        t += size
+    assert got == expected
+    assert cache.layers[0].history is None and not cache.in_prompt
+    if mode == "streaming":
+        return
+    fresh = DuoCache([LayerRoles(1, 2, 1, 2, 4, PrefillMode.parse(mode))], max_len=40)
+    states, _ = fresh.update(*position_chunk(0, 1, 2), 0)  # a one-token prompt in a dense mode is not a decode step
+    assert (states.plan.start, states.plan.end, states.plan.n_streamed) == (0, 1, 0)
+
+
+def test_kernel_choice_is_checked_against_the_cache_at_allocation():
+    capped = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, softcap=True, kernels=KernelChoice(streaming_prefill="flex"))
+    with pytest.raises(ValueError, match="FlexAttention streaming prefill does not soft-cap"):
+        capped.preallocate(1, torch.float32, "cpu", 16)
+    assert DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, kernels=KernelChoice(streaming_prefill="flex")).describe()[
+        "streaming_prefill_kernel"] == "flex"
+    quantised = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, kv_quant=KVQuantConfig(8),
+                         kernels=KernelChoice(decode="triton"))
+    with pytest.raises(ValueError, match="power-of-two head_dim >= 32, got 16"):
+        quantised.preallocate(1, torch.float32, "cpu", 16)
+    plain = DuoCache([LayerRoles(1, 2, 1, 2, 4)], max_len=8, kernels=KernelChoice(decode="triton"))
+    plain.preallocate(1, torch.float32, "cpu", 16)  # 16 channels suffice unquantised
+    assert plain.describe()["decode_kernel"] == "triton"
+
+
+def test_storage_allocated_under_inference_mode_is_updated_after_it():
+    """A cache first used inside inference_mode (a generate call) is later rewound and refilled outside it."""
+    cache = one_layer(1, 2, 2, 4, 20)
+    with torch.inference_mode():
+        cache.update(*position_chunk(0, 6, 2), 0)
+    layer = cache.layers[0]
+    assert not layer.full_k.is_inference() and not cache.state.clock.is_inference()
+    cache.update(*position_chunk(6, 7, 2), 0)  # a decode step outside
+    cache.set_length(3)
+    cache.fill_random(5, torch.Generator().manual_seed(0))
+    assert cache.length() == 5 and (layer.full_k[0, 0, :5, 0] != 0).all()
+
+
+def test_a_chunk_must_be_planned_by_the_first_layer():
+    """The first DuoAttention layer plans each forward's chunk; another layer receiving a chunk it was not planned for
+    (none yet, or of another size) is refused."""
+    cache = DuoCache([LayerRoles(1, 2, 1, 2, 4)] * 2, max_len=20)
+    unplanned = "^a prefill chunk reached layer 1 before it was planned$"
+    with pytest.raises(RuntimeError, match=unplanned):
+        cache.update(*position_chunk(0, 5, 2), 1)
+    cache.update(*position_chunk(0, 5, 2), 0)
+    with pytest.raises(RuntimeError, match=unplanned):
+        cache.update(*position_chunk(0, 3, 2), 1)
+    states, _ = cache.update(*position_chunk(0, 5, 2), 1)  # the planned chunk
+    assert (states.plan.start, states.plan.end) == (0, 5) and cache.length() == 5
+    assert cache.layers[1].full_k[0, 0, :5, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (the interpreter without a GPU)")
+@pytest.mark.parametrize("kv_quant", [None, KVQuantConfig(8)], ids=["dense", "int8"])
+def test_triton_decode_reads_what_the_cache_allocated(kv_quant):
+    """A Triton cache's decode steps (append, then split-KV decode over the cache's own rows, offset tables, splits
+    and workspaces) against the torch decode of a cache holding the same tokens: batch 2, two query heads per KV
+    head, one retrieval and one streaming KV head."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    caches = {}
+    for decode in ("torch", "triton"):
+        cache = DuoCache([LayerRoles(1, 2, 2, 2, 4)], max_len=40, kv_quant=kv_quant, kernels=KernelChoice(decode))
+        cache.preallocate(2, torch.float32, device, 32)
+        cache.fill_random(25, torch.Generator(device=device).manual_seed(0))
+        caches[decode] = cache
+    assert caches["triton"].describe()["decode_kernel"] == "triton"
+    gen = torch.Generator(device=device).manual_seed(1)
+    outs = {}
+    for decode, cache in caches.items():
+        layer, s = cache.layers[0], cache.state
+        steps = []
+        for step in range(2):
+            k = torch.randn(2, 2, 1, 32, generator=gen.manual_seed(10 + step), device=device)
+            q = torch.randn(2, 4, 1, 32, generator=gen.manual_seed(20 + step), device=device)
+            states, _ = cache.update(k, -k, 0)
+            assert states.plan is None  # a decode step
+            steps.append(dispatch.decode_rows(s.kernels, q, layer.rows, s.lengths, s.member_lengths, s.workspace,
+                                              32 ** -0.5, layer.splits).clone())
+        outs[decode] = torch.stack(steps)
+    assert outs["triton"].shape == (2, 2, 1, 4, 32)
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-4)
+
+
+def test_local_layers_keep_the_cache_layers_of_the_config():
+    """Layers without roles (Gemma 2's sliding-window layers) get transformers' layer for the config's layer type;
+    without a config, a dynamic layer."""
+    import transformers
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from duoattn.cache import DuoLayer
+
+    config = transformers.Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6)
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
+    roles = LayerRoles(1, 2, 2, 2, 4)
+    cache = DuoCache([None, roles, None, roles], max_len=20, config=config)
+    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, DuoLayer] * 2
+    assert (cache.layers[1].layer_idx, cache.layers[3].layer_idx) == (1, 3)
+    assert (cache.state.first_layer, cache.state.last_layer) == (1, 3)
+    plain = DuoCache([None, roles], max_len=20)
+    assert [type(layer) for layer in plain.layers] == [DynamicLayer, DuoLayer]
+    with pytest.raises(ValueError, match="^config has 4 layers, layer_roles has 2$"):
+        DuoCache([None, roles], max_len=20, config=config)
+    assert len(DuoCache([roles] * 2, max_len=20, config=config).layers) == 2  # no layer needs the config
+    with pytest.raises(ValueError, match="^a DuoCache needs at least one DuoAttention layer$"):
+        DuoCache([None, None], max_len=4, config=config)

@@ -261,3 +261,15 @@ def test_eval_command_line_takes_prefill_modes():
     assert [m.prefill for m in config.method_list()] == ["streaming", "window:64", "full"]
     with pytest.raises(ValueError, match="prefill"):
         EvalConfig(out_dir="unused", methods="duo", prefill=["window:x"])
+
+
+def test_a_chunk_past_a_streaming_prompt_streams():
+    """In the streaming mode a chunk may run past the prompt declared with begin_prompt: its queries after the prompt
+    are not prompt queries and follow the streaming rule like the rest (the oracle of one 16-token prompt)."""
+    model, ids = tiny("llama-gqa", layers=2), ids_of(16)
+    expected = oracle_logits(model, "llama-gqa", ids, "streaming", prompt=16)
+    with duo_attention(model, HeadPattern(gates(model, "llama-gqa"), sink=SINK, recent=RECENT)) as handle:
+        cache = handle.new_cache(max_len=40)
+        cache.begin_prompt(12)
+        got = feed(model, ids, cache, [16])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
