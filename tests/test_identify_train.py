@@ -269,3 +269,40 @@ def test_checkpoints_are_written_every_save_every_steps(tmp_path):
         train(tiny_llama(), cfg, interrupted)
     # before steps 1..6: nothing, then the checkpoint of step 3 (written after steps 3, 6, ... and the last)
     assert steps_saved == [0, 0, 0, 3, 3, 3]
+
+
+def test_settings_a_resume_must_match_leave_out_where_and_how_a_run_computes(tmp_path):
+    """A resume may move the run, change its checkpoint cadence, kernels, memory mode, timeouts and validation; it
+    must not change what is trained."""
+    base = dict(out=str(tmp_path / "a"), steps=4, min_len=96, max_len=96, sink=8, recent=16)
+    settings = IdentifyConfig(**base).settings()
+    for change in ({"out": str(tmp_path / "b")}, {"student_kernel": "blocks"}, {"checkpointing": "on"},
+                   {"save_every": 3}, {"dist_timeout_s": 5.0}, {"val_samples": 2}, {"resume": True},
+                   {"overwrite": True}):
+        assert IdentifyConfig(**{**base, **change}).settings() == settings, change
+    for change in ({"lr": 0.03}, {"seed": 5}, {"steps": 5}, {"max_len": 100}, {"reg": 0.1}):
+        assert IdentifyConfig(**{**base, **change}).settings() != settings, change
+
+
+@pytest.mark.parametrize("name, value", [("val_samples", -1), ("refine_evals", -1), ("refine_window", 0),
+                                         ("min_per_layer", -1), ("val_seed", -1), ("val_min_len", 0),
+                                         ("val_max_len", 0)])
+def test_bad_validation_settings_are_refused_by_name(tmp_path, name, value):
+    from duoattn.checks import UsageError
+
+    minimum = value + 1
+    with pytest.raises(UsageError, match=rf"^{name} must be an integer >= {minimum}, got {value}$"):
+        IdentifyConfig(out=str(tmp_path), **{name: value})
+    accepted = {name: minimum}
+    if name in ("val_min_len", "val_max_len"):  # the shortest range is one token (min <= max)
+        accepted = {"val_min_len": minimum, "val_max_len": minimum}
+    IdentifyConfig(out=str(tmp_path), **accepted)  # the documented minimum itself is accepted
+
+
+def test_identify_config_refusals_name_the_setting(tmp_path):
+    from duoattn.checks import UsageError
+
+    with pytest.raises(UsageError, match=r"^device must be cpu, cuda or cuda:N, got 'tpu'$"):
+        IdentifyConfig(out=str(tmp_path), device="tpu")
+    with pytest.raises(UsageError, match=r"^refine needs validation samples \(val_samples >= 1\)$"):
+        IdentifyConfig(out=str(tmp_path), val_samples=0, refine=[0.25])

@@ -72,10 +72,15 @@ def test_reordering_a_fused_qkv_projection_matches_separate_projections():
     assert torch.equal(fused.o_proj.weight, sep.o_proj.weight)
     bad = torch.nn.Module()
     bad.qkv_proj, bad.o_proj = torch.nn.Linear(hidden, 7), torch.nn.Linear(hq * d, hidden)
-    with pytest.raises(ValueError, match="qkv_proj has 7 outputs"):
+    # q rows 4 heads x 3 = 12, k and v 2 x 3 = 6 each: 24 outputs expected
+    with pytest.raises(ValueError, match=r"^Module\.qkv_proj has 7 outputs; expected q \+ k \+ v = 24$"):
         _permute_module(bad, torch.tensor([1, 0]), hq // hkv, d)
     with pytest.raises(ValueError, match="cannot reorder heads"):
         _permute_module(torch.nn.Module(), torch.tensor([1, 0]), hq // hkv, d)
+    no_out = torch.nn.Module()  # a fused projection without o_proj is refused as clearly as no projection at all
+    no_out.qkv_proj = torch.nn.Linear(hidden, (hq + 2 * hkv) * d)
+    with pytest.raises(ValueError, match="cannot reorder heads of Module"):
+        _permute_module(no_out, torch.tensor([1, 0]), hq // hkv, d)
 
 
 def test_reordering_int8_weights_moves_their_scales_and_restores_them():
