@@ -306,3 +306,26 @@ def test_identify_config_refusals_name_the_setting(tmp_path):
         IdentifyConfig(out=str(tmp_path), device="tpu")
     with pytest.raises(UsageError, match=r"^refine needs validation samples \(val_samples >= 1\)$"):
         IdentifyConfig(out=str(tmp_path), val_samples=0, refine=[0.25])
+
+
+def test_progress_bar_counts_steps_from_where_a_run_resumes_and_shows_the_loss(tmp_path, capsys):
+    import re
+
+    cfg = config(tmp_path, steps=4, save_every=2)
+    samples = random_samples(40, 8)
+
+    def interrupted(step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return samples(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_gates(tiny_llama(), interrupted, cfg, cfg.settings(), Path(cfg.out) / "checkpoint", progress=True)
+    first = capsys.readouterr().err
+    assert "identify" in first and re.search(r"loss=\d", first) and re.search(r"reg=\d", first)
+    assert load_checkpoint(Path(cfg.out) / "checkpoint").step == 2
+    again = config(tmp_path, steps=4, save_every=2, resume=True)
+    train_gates(tiny_llama(), samples, again, again.settings(), Path(again.out) / "checkpoint", progress=True)
+    resumed = capsys.readouterr().err
+    assert "2/4" in resumed and "4/4" in resumed  # starts at the checkpoint's step, ends at the last
+    assert "0/4" not in resumed and "1/4" not in resumed
