@@ -6,8 +6,9 @@ DuoAttention at the given retrieval ratios, in each KV precision:
 * **capacity**: the KV budget (free device memory after loading minus a reserve, or ``budget_gib``) divided by one
   session's exact cache bytes (``handle.expected_kv_bytes(context + steps + 2)``, what the server reserves); that
   many caches are then really allocated (``handle.new_cache`` + ``fill_random``), as many as fit;
-* **throughput**: one batched ``[B, 1]`` decode step (:class:`~duoattn.batch.BatchCache`) over every allocated
-  session, as the server runs it: aggregate tokens/s over ``steps`` steps;
+* **throughput**: one batched ``[B, 1]`` decode step over every allocated session, as the server runs it (on CUDA
+  replayed from the CUDA graph of its batch-size bucket, :class:`~duoattn.graphs.BatchGraphs`): aggregate tokens/s
+  over ``steps`` steps;
 * **latency**: ms per step of a batch of ``latency_batch`` sessions at ``latency_context`` against one session.
 
 Outputs under ``out``: ``config.json``, ``serve.json``, ``serve.md`` (a markdown table) and ``serve.png``.
