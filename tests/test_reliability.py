@@ -557,7 +557,12 @@ from duoattn.identify import IdentifyConfig, identify
 config = IdentifyConfig(**{config!r})
 while not os.path.exists({go!r}):  # imported; start when the test says so
     time.sleep(0.01)
-identify(config, model=one_long_range_head_model(), tokenizer=CharTokenizer(modulo=96), progress=False)
+model = one_long_range_head_model()
+# Slow the steps down (a pause before each decoder layer changes no value) so that the signal, sent once the first
+# checkpoint exists, lands while later steps still run, however fast the machine.
+for layer in model.model.layers:
+    layer.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+identify(config, model=model, tokenizer=CharTokenizer(modulo=96), progress=False)
 """
 
 
