@@ -550,7 +550,8 @@ def test_ctrl_c_prints_one_line_and_exits_130(capsys, monkeypatch):
 
 # -------------------------------------------------------------------------------- interrupt and resume
 SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # SIGINT raises KeyboardInterrupt, even if the parent ignores it
 sys.path.insert(0, {tests!r})
 from identify_helpers import CharTokenizer, one_long_range_head_model
 from duoattn.identify import IdentifyConfig, identify
