@@ -31,6 +31,15 @@ def config(tmp_path: Path, **kwargs) -> IdentifyConfig:
     return IdentifyConfig(**{**values, **kwargs})
 
 
+def interrupted_at(stop: int, sample_fn):
+    """``sample_fn``, except that asking for sample ``stop`` interrupts the run (as Ctrl-C would)."""
+    def samples(step):
+        if step == stop:
+            raise KeyboardInterrupt
+        return sample_fn(step)
+    return samples
+
+
 def train(model, cfg: IdentifyConfig, sample_fn=None):
     sample_fn = sample_fn or random_samples(96, 16)
     return train_gates(model, sample_fn, cfg, cfg.settings(), Path(cfg.out) / "checkpoint", progress=False)
@@ -177,15 +186,8 @@ def test_resume_repeats_an_uninterrupted_run_bit_for_bit(tmp_path):
     whole = train(one_long_range_head_model(), cfg)
 
     cfg_b = config(tmp_path / "b", steps=9, save_every=2)
-    sample_fn = random_samples(96, 16)
-
-    def interrupted(step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return sample_fn(step)
-
     with pytest.raises(KeyboardInterrupt):
-        train(one_long_range_head_model(), cfg_b, interrupted)
+        train(one_long_range_head_model(), cfg_b, interrupted_at(5, random_samples(96, 16)))
     ckpt = load_checkpoint(Path(cfg_b.out) / "checkpoint")
     assert ckpt.step == 4  # five steps ran, the last checkpoint holds four: at most save_every steps are lost
     with pytest.raises(ValueError, match="pass --resume"):
@@ -313,14 +315,9 @@ def test_progress_bar_counts_steps_from_where_a_run_resumes_and_shows_the_loss(t
 
     cfg = config(tmp_path, steps=4, save_every=2)
     samples = random_samples(40, 8)
-
-    def interrupted(step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return samples(step)
-
     with pytest.raises(KeyboardInterrupt):
-        train_gates(tiny_llama(), interrupted, cfg, cfg.settings(), Path(cfg.out) / "checkpoint", progress=True)
+        train_gates(tiny_llama(), interrupted_at(3, samples), cfg, cfg.settings(), Path(cfg.out) / "checkpoint",
+                    progress=True)
     first = capsys.readouterr().err
     assert "identify" in first and re.search(r"loss=\d", first) and re.search(r"reg=\d", first)
     assert load_checkpoint(Path(cfg.out) / "checkpoint").step == 2
