@@ -404,6 +404,23 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student-kernel", choices=KERNELS, default="auto",
                    help="streaming attention of the student (default auto: flex on CUDA, blocks on the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that holds another run")
+    p.add_argument("--full-term", choices=("teacher", "student"), default="teacher",
+                   help="the student's full-attention term: teacher (the original code: the teacher's output) or "
+                        "student (the paper's formula: full attention over the student's own states, so that 0/1 "
+                        "gates give the deployed model) (default teacher)")
+    p.add_argument("--loss-positions", choices=("qa", "answers"), default="qa",
+                   help="where the distillation loss is taken: qa (every token of the question-and-answer blocks, as "
+                        "the original) or answers (the positions that predict the passkeys' tokens) (default qa)")
+    p.add_argument("--init", default=None, metavar="PATTERN",
+                   help="start from this pattern's gates (a shipped or published name, or a directory) instead of 1")
+    h = p.add_argument_group("budget-aware training (the last steps)")
+    h.add_argument("--hard-steps", type=int, default=0,
+                   help="the last N steps train the student binarised at --hard-budgets, with straight-through "
+                        "gradients to the gates (default 0)")
+    h.add_argument("--hard-budgets", type=_floats, default=[0.25],
+                   help="fractions of retrieval heads the hard steps binarise at, one per step in turn; the written "
+                        "gates binarise at the first one to the set the training ranked first (default 0.25)")
+    h.add_argument("--hard-lr", type=float, default=0.002, help="peak learning rate of the hard steps (default 0.002)")
     v = p.add_argument_group("validation and budget-aware selection (after training)")
     v.add_argument("--val-samples", type=int, default=4, help="validation samples; 0 skips validation (default 4)")
     v.add_argument("--val-seed", type=int, default=None, help="seed of the validation samples (default --seed + 1)")
@@ -456,6 +473,12 @@ def run_identify(args: argparse.Namespace) -> None:
         refine_window=args.refine_window,
         min_per_layer=args.min_per_layer,
         dist_timeout_s=args.dist_timeout,
+        full_term=args.full_term,
+        init=args.init,
+        hard_steps=args.hard_steps,
+        hard_budgets=tuple(args.hard_budgets),
+        hard_lr=args.hard_lr,
+        loss_positions=args.loss_positions,
         **given,
     )
     result = identify(config)

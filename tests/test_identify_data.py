@@ -61,6 +61,23 @@ def test_loss_positions_cover_exactly_the_question_answer_blocks(dataset, index)
         assert tok.decode(sample.input_ids[a:b]).endswith(" " + key + ANSWER_TAIL)
 
 
+@pytest.mark.parametrize("index", range(3))
+def test_answer_loss_positions_are_those_that_predict_the_passkeys(dataset, index):
+    from dataclasses import replace
+
+    tok = CharTokenizer()
+    answers = PasskeyDataset(CharTokenizer(), TEXT, replace(CONFIG, loss="answers"), seed=7).sample(index)
+    qa = dataset.sample(index)
+    assert torch.equal(answers.input_ids, qa.input_ids)  # only the loss positions differ
+    positions = answers.loss_positions.tolist()
+    assert set(positions) < set(qa.loss_positions.tolist())
+    # each passkey's characters and the full stop after it are the next tokens of these positions, and nothing else
+    predicted = "".join(tok.decode(answers.input_ids[[p + 1]]) for p in positions)
+    assert predicted == "".join(" " + key + "." for key in answers.passkeys)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        PasskeyConfig(loss="all")
+
+
 def test_lengths_and_depths_are_within_bounds(dataset):
     lengths, depths = [], []
     for index in range(60):

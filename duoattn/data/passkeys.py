@@ -35,6 +35,7 @@ NEEDLE_TAIL = ". Keep the {ordinal} passkey in mind.\n\n"
 OUTRO = "\n\nThat was the whole text. Now the questions.\n\n"
 QUESTION = "Question: what is the {ordinal} passkey in the text?\nAnswer: the {ordinal} passkey is"
 ANSWER_TAIL = ".\n\n"
+LOSS_POSITIONS = ("qa", "answers")
 
 
 def ordinal(k: int) -> str:
@@ -52,6 +53,8 @@ class PasskeyConfig:
         passkey_words: NATO-alphabet words per passkey.
         min_len, max_len: sample lengths in tokens are drawn uniformly from ``[min_len, max_len]``.
         min_depth, max_depth: passkey depths (fractions of the haystack) are drawn uniformly from this range.
+        loss: the loss positions of a sample: ``qa`` (every token of the question-and-answer blocks, as the
+            original) or ``answers`` (the positions whose next token is a passkey word's, or the one after it).
     """
 
     num_passkeys: int = 4
@@ -60,8 +63,11 @@ class PasskeyConfig:
     max_len: int = 2048
     min_depth: float = 0.05
     max_depth: float = 0.95
+    loss: str = "qa"
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSS_POSITIONS:
+            raise ValueError(f"loss must be one of {LOSS_POSITIONS}, got {self.loss!r}")
         for name in ("num_passkeys", "passkey_words", "min_len", "max_len"):
             check_int(name, getattr(self, name), 1)
         if self.min_len > self.max_len:
@@ -83,6 +89,7 @@ class PasskeySample:
         qa_spans: per passkey, the token range ``[start, end)`` of its question-and-answer block.
         answer_spans: per passkey, the token range ``[start, end)`` of the passkey's words in its answer.
         depths: per passkey, where its needle starts, as a fraction of the haystack tokens.
+        loss: which positions :attr:`loss_positions` gives (:class:`PasskeyConfig`).
     """
 
     input_ids: torch.Tensor
@@ -91,6 +98,7 @@ class PasskeySample:
     qa_spans: tuple[tuple[int, int], ...]
     depths: tuple[float, ...]
     answer_spans: tuple[tuple[int, int], ...] = ()
+    loss: str = "qa"
 
     @property
     def length(self) -> int:
@@ -98,7 +106,11 @@ class PasskeySample:
 
     @property
     def loss_positions(self) -> torch.Tensor:
-        """Long ``[N]``: every token of every question-and-answer block."""
+        """Long ``[N]``: every token of every question-and-answer block (``qa``), or for every answer ``[a, b)``
+        the positions ``a - 1 .. b - 1``, whose hidden states predict the passkey's tokens and the one after it
+        (``answers``)."""
+        if self.loss == "answers":
+            return torch.cat([torch.arange(a - 1, b) for a, b in self.answer_spans])
         return torch.cat([torch.arange(a, b) for a, b in self.qa_spans])
 
 
@@ -203,6 +215,7 @@ class PasskeyDataset:
             qa_spans=tuple(qa_spans),
             depths=tuple(c / len(hay) for c in cuts),
             answer_spans=tuple(answer_spans),
+            loss=cfg.loss,
         )
 
     def _haystack(self, start: int, budget: int) -> tuple[list[int], list[int]]:

@@ -1,4 +1,7 @@
-"""Training checkpoints: gates and AdamW state in safetensors, step / settings / history in JSON.
+"""Training checkpoints: gates and optimiser state in safetensors, step / settings / history in JSON.
+
+The optimiser state is AdamW's (the gates, clamped to [0, 1]) or, after a switch to hard steps, the SGD momentum
+(the gates are then unclamped scores).
 
 A checkpoint directory holds ``step-NNNNNN.safetensors`` and ``state.json``. The JSON names the safetensors file it
 belongs to and is written last, so it is the commit point: a run killed at any moment leaves either the previous
@@ -26,6 +29,8 @@ GATES_KEY = "gates"
 OPTIM_PREFIX = "optimizer."
 # AdamW's per-parameter state (torch.optim.AdamW without amsgrad); the gates are its only parameter.
 ADAM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
+# SGD with momentum (the hard steps of budget-aware training).
+SGD_FIELDS = ("momentum_buffer",)
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Checkpoint:
     Attributes:
         settings: the run's result-determining settings; a resume must match them exactly.
         history: one record per completed step (loss terms, mean gate, learning rate, ...).
-        gates: float32 ``[num_layers, num_kv_heads]``.
+        gates: float32 ``[num_layers, num_kv_heads]`` (unclamped scores in the hard steps).
         optimizer_state: the ``"state"`` part of the optimizer's ``state_dict()`` (per-parameter tensors).
     """
 
@@ -125,13 +130,17 @@ def load_checkpoint(directory: Path) -> Checkpoint:
         raise UsageError(f"{where} lacks the gates (a float32 tensor [num_layers, num_kv_heads])")
     shape = tuple(tensors[GATES_KEY].shape)
     gates = _tensor(tensors, GATES_KEY, shape, where)
-    if gates.min() < 0 or gates.max() > 1:
-        raise UsageError(f"{where}: gates must lie in [0, 1] (they are clamped after every step), got "
-                         f"{gates.min().item():g}..{gates.max().item():g}")
-    expected = {GATES_KEY} | {f"{OPTIM_PREFIX}0.{f}" for f in ADAM_FIELDS}
+    momentum = f"{OPTIM_PREFIX}0.{SGD_FIELDS[0]}"
+    fields = SGD_FIELDS if momentum in tensors else ADAM_FIELDS
+    expected = {GATES_KEY} | {f"{OPTIM_PREFIX}0.{f}" for f in fields}
     unknown = sorted(set(tensors) - expected)
     if unknown:
         raise UsageError(f"{where} holds unexpected tensors {unknown}; expected {sorted(expected)}")
+    if fields == SGD_FIELDS:  # hard steps: the gates are scores, any finite value
+        return Checkpoint(step, settings, history, gates, {0: {SGD_FIELDS[0]: _tensor(tensors, momentum, shape, where)}})
+    if gates.min() < 0 or gates.max() > 1:
+        raise UsageError(f"{where}: gates must lie in [0, 1] (they are clamped after every step), got "
+                         f"{gates.min().item():g}..{gates.max().item():g}")
     exp_avg = _tensor(tensors, f"{OPTIM_PREFIX}0.exp_avg", shape, where)
     exp_avg_sq = _tensor(tensors, f"{OPTIM_PREFIX}0.exp_avg_sq", shape, where)
     adam_step = _tensor(tensors, f"{OPTIM_PREFIX}0.step", (), where)

@@ -5,16 +5,24 @@ their KV head. A training step runs two passes over one sample:
 
 * :func:`teacher_forward`: plain causal attention on every head, without autograd. Each layer's attention output,
   and the keys and values the student pass takes from the teacher, are recorded.
-* :func:`student_forward`: each head's output is ``alpha * teacher_full + (1 - alpha) * streaming``, where
-  ``teacher_full`` is the recorded teacher output of that layer and ``streaming`` is token-exact sink + recent
-  attention over the student's own queries and keys (:mod:`.streaming`: block-wise on the CPU, FlexAttention on
-  CUDA; never a ``T x T`` or ``T x window`` matrix).
+* :func:`student_forward`: each head's output is ``alpha * full + (1 - alpha) * streaming``, where
+  ``streaming`` is token-exact sink + recent attention over the student's own queries and keys (:mod:`.streaming`:
+  block-wise on the CPU, FlexAttention on CUDA; never a ``T x T`` or ``T x window`` matrix) and ``full`` is, by
+  :attr:`GateSet.full_term`:
 
-Taking the full term from the teacher (as the original implementation does) means no backward pass ever goes
-through full attention. docs/identification.md weighs this against the paper's formula.
+  - ``teacher`` (the original implementation): the recorded teacher output of that layer. No backward pass goes
+    through full attention, but a head at ``alpha = 1`` hands on the teacher's exact output whatever the student's
+    earlier layers did, which a deployed retrieval head cannot.
+  - ``student`` (the paper's formula): causal attention over the student's own queries and keys. At gates of 0
+    and 1 the student is then exactly the deployed model (streaming prefill, no cache).
+
+With :attr:`GateSet.hard` roles, the forward pass uses those 0/1 roles and the backward pass hands the gradient
+to the continuous gates unchanged (straight-through): the loss is that of the binarised model at a budget, and the
+gradient of a gate says how the loss moves if its head leans towards the other role.
 
 Where the student pass starts (:meth:`GateSet.student_start`). Two facts let it skip a prefix of the sample
-exactly, taking the keys and values of the skipped positions from the teacher:
+exactly, taking the keys and values of the skipped positions from the teacher (with the ``student`` full term
+only the first holds, since a full-attention output depends on every earlier position):
 
 1. A query at position ``i < sink + recent`` sees every earlier key under streaming attention too, so the student
    equals the teacher exactly at those positions, whatever the gates (and its gradient there is zero).
@@ -54,6 +62,7 @@ from .streaming import blocked_streaming_attention, flex_streaming_attention, re
 
 GATED_ATTN = "duoattn_gated"
 GATE_ATTR = "duo_gate"
+FULL_TERMS = ("teacher", "student")
 
 
 @dataclass
@@ -80,6 +89,10 @@ class GateSet:
         gates: float32 ``[num_layers, num_kv_heads]`` (an ``nn.Parameter`` during training).
         sink, recent: the streaming window of the student's heads.
         kernel: the student's streaming kernel, ``blocks`` or ``flex`` (:mod:`.streaming`); ``auto`` picks by device.
+        full_term: where the student's full-attention term comes from, ``teacher`` or ``student`` (module
+            docstring).
+        hard: bool ``[num_layers, num_kv_heads]`` roles (True = retrieval) the student uses in its forward pass,
+            with straight-through gradients to ``gates``; None: the gates themselves mix the two terms.
         student: False during the teacher pass, True during the student pass.
         start: the first position the student pass computes (over all processes).
         shard: the slice of the sample this process holds (:mod:`.parallel`); None: the whole sample.
@@ -89,12 +102,17 @@ class GateSet:
     def __init__(
         self, gates: torch.Tensor, num_query_heads: int, sink: int, recent: int,
         windows: list[int | None] | None = None, kernel: str = "auto", shard: SequenceShard | None = None,
+        full_term: str = "teacher",
     ):
+        if full_term not in FULL_TERMS:
+            raise ValueError(f"full_term must be one of {FULL_TERMS}, got {full_term!r}")
         if gates.dim() != 2:
             raise ValueError(f"gates must have shape [num_layers, num_kv_heads], got {tuple(gates.shape)}")
         if num_query_heads % gates.shape[1]:
             raise ValueError(f"{num_query_heads} query heads cannot be grouped over {gates.shape[1]} KV heads")
         self.gates = gates
+        self.full_term = full_term
+        self.hard: torch.Tensor | None = None
         self.group = num_query_heads // gates.shape[1]
         self.sink = sink
         self.recent = recent
@@ -117,8 +135,12 @@ class GateSet:
         return self.start if self.shard is None else self.shard.first(self.start)
 
     def query_gates(self, layer: int) -> torch.Tensor:
-        """``[Hq, 1]``: the gate of each query head of ``layer`` (that of its KV head)."""
-        return self.gates[layer].repeat_interleave(self.group)[:, None]
+        """``[Hq, 1]``: the gate of each query head of ``layer`` (that of its KV head); with :attr:`hard` roles,
+        exactly 0 or 1 in value and the gate's own gradient (straight-through)."""
+        gates = self.gates[layer]
+        if self.hard is not None:
+            gates = self.hard[layer].to(gates.dtype) + (gates - gates.detach())
+        return gates.repeat_interleave(self.group)[:, None]
 
     def window(self, layer: int) -> tuple[int, int]:
         """``(sink, recent)`` of the student's attention in ``layer``: a local layer keeps its own window."""
@@ -129,6 +151,8 @@ class GateSet:
         """The latest position a student pass may start at and still be exact (value and gradient) at
         ``first_loss`` and after; see the module docstring."""
         prefix = min(self.sink + self.recent, first_loss)
+        if self.full_term == "student":  # a full-attention term reads every earlier position of the student
+            return prefix
         # A layer's input differs from the teacher's only after a gated layer (local layers are the same in both).
         gated = [layer for layer, w in enumerate(self.windows) if w is None]
         first_gated = gated[0] if gated else len(self.windows)
@@ -177,6 +201,8 @@ def _teacher(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tens
     else:  # keep only what a student pass from `start` reads: this process's queries from `first` on
         first = start if shard is None else shard.first(start)
         lo, n_sink = min(max(0, first - recent + 1), start), min(sink, start)
+        if gate_set.full_term == "student":  # the student's full attention reads every key before `start`
+            lo = 0
         full = out[:, first - offset :].clone() if first > offset else out
         record = TeacherLayer(full, first, _keep(key, 0, n_sink), _keep(value, 0, n_sink),
                               _keep(key, lo, start), _keep(value, lo, start), lo)
@@ -228,9 +254,26 @@ def _student(gate_set: GateSet, layer: int, query: torch.Tensor, key: torch.Tens
     # at least float32, so that a bfloat16 model does not round the gates to bfloat16 (which makes gates tie).
     dtype = torch.promote_types(stream.dtype, gate_set.gates.dtype)
     alpha = gate_set.query_gates(layer).to(dtype)
-    full = record.full[:, first - record.full_from :]
+    if gate_set.full_term == "student":
+        full = _own_full(gate_set, record, query, key, value, scale, softcap)
+    else:
+        full = record.full[:, first - record.full_from :]
     mixed = torch.lerp(stream.to(dtype), full.to(dtype), alpha)
     return mixed.to(query.dtype)
+
+
+def _own_full(gate_set: GateSet, record: TeacherLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              scale: float, softcap: float | None) -> torch.Tensor:
+    """Causal attention of the student's queries at ``start..T-1`` over the teacher's keys before ``start`` and the
+    student's own from ``start`` on -> ``[B, C, Hq, D]`` (a whole sample in one process)."""
+    if gate_set.shard is not None:
+        raise RuntimeError("the student full term runs in one process: sequence parallelism takes the teacher's")
+    start = gate_set.start
+    if record.run_from != 0 or record.k_run.shape[2] < start:
+        raise RuntimeError("the teacher pass did not keep the keys before the student start")
+    keys = torch.cat([record.k_run[:, :, :start], key], dim=2)
+    values = torch.cat([record.v_run[:, :, :start], value], dim=2)
+    return causal_attention(query, keys, values, scale, softcap).transpose(1, 2)
 
 
 def gated_attention_forward(

@@ -80,6 +80,8 @@ def check_inputs(config: IdentifyConfig, model_given: bool) -> None:
                 check_context(cfg, config.validation_lengths[1], "val_max_len")
     for path in config.haystack:
         check_file("haystack file", path)
+    if config.init is not None:  # a missing or malformed pattern is refused before anything runs
+        HeadPattern.from_pretrained(config.init)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries or config.overwrite:
         return
@@ -225,8 +227,8 @@ def _validation_dataset(config: IdentifyConfig, model: PreTrainedModel, tokenize
     low, high = config.validation_lengths
     check_context(model, high, "val_max_len")
     try:
-        dataset = PasskeyDataset(tokenizer, text, PasskeyConfig(config.num_passkeys, config.passkey_words, low, high),
-                                 config.validation_seed)
+        dataset = PasskeyDataset(tokenizer, text, PasskeyConfig(config.num_passkeys, config.passkey_words, low, high,
+                                                                loss=config.loss_positions), config.validation_seed)
     except ValueError as err:
         raise UsageError(f"validation samples (val_min_len={low}, val_max_len={high}): {err}") from None
     cfg = text_config(model)

@@ -2,7 +2,17 @@
 
 Loss = mean squared error between the final normalised hidden states of the full model (teacher) and of the gated
 model (student) at the loss positions, plus ``reg * mean|alpha|``. AdamW on the gates only (float32, initialised
-to 1, clamped to [0, 1] after every step) with the schedule of :mod:`.schedule`.
+to 1 or to a given pattern's gates, clamped to [0, 1] after every step) with the schedule of :mod:`.schedule`.
+
+The last ``hard_steps`` steps (budget-aware training) run the student binarised at a budget (``hard_budgets``, one
+per step in turn): the forward pass keeps the top gates' heads as retrieval heads and streams the rest, the
+backward pass hands the gradient to every gate unchanged (straight-through), and the gates, now unclamped scores,
+move by SGD with momentum on the gradient divided by its root mean square. Adam would divide each gate's gradient
+by its own scale and so rank a head that helps a little but always by the same sign above one that helps much:
+the ranking is what is trained here, so the gradients keep their relative sizes. With ``full_term="student"``
+each of these steps is the deployed model at that budget. The scores are mapped into [0, 1] at the end, keeping
+their order, so that binarising at the first hard budget (by sparsity or at 0.5) gives the set the scores rank
+first.
 
 Step ``k`` trains on sample ``k`` of the data, which depends on ``(seed, k)`` only; with the gates and the AdamW
 state in the checkpoint, a resumed run repeats an uninterrupted one bit for bit (with the same student kernel and
@@ -25,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,14 +43,16 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from ..checks import UsageError, check_device, check_dtype, check_int
-from ..data.passkeys import PasskeyConfig
+from ..data.passkeys import LOSS_POSITIONS, PasskeyConfig
 from ..models import head_dim, sliding_windows, text_config
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from ..distributed import DEFAULT_TIMEOUT_S, World, collective_errors
-from .gates import GateSet, gated_attention, student_forward, teacher_forward
+from ..pattern import HeadPattern
+from .gates import FULL_TERMS, GateSet, gated_attention, student_forward, teacher_forward
 from .parallel import SequenceShard, touch
 from .memory import CHECKPOINTING, checkpointed_layers, resolve_checkpointing
 from .schedule import lr_factor
+from .select import rank_gates, strength_order
 from .streaming import KERNELS, check_flex, resolve_kernel
 
 # Defaults for the embedded SmolLM2-135M on 2 CPU cores (docs/identification.md shows the measurements).
@@ -101,6 +114,16 @@ class IdentifyConfig:
         min_per_layer: retrieval heads every layer keeps at least, in the report and the refinement.
         dist_timeout_s: under ``torchrun`` with several processes (sequence parallelism), the seconds a collective
             waits for the other ranks before the job stops with an error.
+        full_term: the student's full-attention term, ``teacher`` (the original implementation: the teacher's
+            recorded output) or ``student`` (the paper's formula: full attention over the student's own states;
+            at 0/1 gates the student is the deployed model). See :mod:`.gates`.
+        init: a pattern (shipped or published name, directory) whose gates the run starts from; None: all gates 1.
+        hard_steps: the last this many of ``steps`` train the binarised student (module docstring).
+        hard_budgets: the fractions of retrieval heads the hard steps binarise at, one per step in turn.
+        loss_positions: ``qa`` (every token of the question-and-answer blocks, as the original) or ``answers``
+            (the positions that predict the passkeys' tokens); see :class:`~duoattn.data.passkeys.PasskeyConfig`.
+        hard_lr: the peak learning rate of the hard steps (SGD with momentum 0.9 on the RMS-normalised gradient,
+            with the schedule of :mod:`.schedule` over the hard steps).
     """
 
     out: str
@@ -135,6 +158,12 @@ class IdentifyConfig:
     refine_window: int = 4
     min_per_layer: int = 0
     dist_timeout_s: float = DEFAULT_TIMEOUT_S
+    full_term: str = "teacher"
+    init: str | None = None
+    hard_steps: int = 0
+    hard_budgets: tuple[float, ...] = (0.25,)
+    hard_lr: float = 0.002
+    loss_positions: str = "qa"
     passkeys: PasskeyConfig = field(init=False, repr=False)
 
     @classmethod
@@ -155,12 +184,26 @@ class IdentifyConfig:
         self.haystack = tuple(str(p) for p in self.haystack)
         for name, minimum in (("steps", 1), ("sink", 0), ("recent", 1), ("save_every", 1), ("seed", 0)):
             check_int(name, getattr(self, name), minimum)
-        for name in ("lr", "reg"):
+        for name in ("lr", "reg", "hard_lr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr == 0:
-            raise ValueError("lr must be > 0")
+        if self.lr == 0 or self.hard_lr == 0:
+            raise ValueError("lr and hard_lr must be > 0")
+        if self.loss_positions not in LOSS_POSITIONS:
+            raise UsageError(f"loss_positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
+        if self.full_term not in FULL_TERMS:
+            raise UsageError(f"full_term must be one of {FULL_TERMS}, got {self.full_term!r}")
+        check_int("hard_steps", self.hard_steps, 0)
+        if self.hard_steps > self.steps:
+            raise UsageError(f"hard_steps ({self.hard_steps}) must not exceed steps ({self.steps})")
+        budgets = tuple(self.hard_budgets)
+        if not budgets or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1
+                              for b in budgets):
+            raise UsageError(f"hard_budgets must be fractions of retrieval heads in (0, 1), got {list(budgets)}")
+        self.hard_budgets = tuple(float(b) for b in budgets)
+        if self.init is not None and not str(self.init).strip():
+            raise UsageError("init must name a pattern (a shipped or published name, or a directory)")
         check_dtype("dtype", self.dtype, DTYPES)
         if self.device is not None:
             self.device = check_device("device", self.device)
@@ -188,6 +231,7 @@ class IdentifyConfig:
             passkey_words=self.passkey_words,
             min_len=self.min_len,
             max_len=self.max_len,
+            loss=self.loss_positions,
         )
         self._check_validation()
 
@@ -220,6 +264,7 @@ class IdentifyConfig:
                 "checkpointing", "student_kernel", "dist_timeout_s", *VALIDATION_SETTINGS}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         values["haystack"] = list(self.haystack)
+        values["hard_budgets"] = list(self.hard_budgets)
         values["min_depth"], values["max_depth"] = self.passkeys.min_depth, self.passkeys.max_depth
         return values
 
@@ -250,8 +295,8 @@ class Sample(Protocol):
 
 @dataclass
 class TrainResult:
-    """Gates ``[num_layers, num_kv_heads]`` (float32, CPU), one history record per step, and how the student ran
-    (``kernel``: ``flex`` or ``blocks``; ``checkpointing``; ``fallback``: why flex was not used, if it was asked for
+    """Gates ``[num_layers, num_kv_heads]`` (CPU; float32, float64 after hard steps), one history record per step,
+    and how the student ran (``kernel``: ``flex`` or ``blocks``; ``checkpointing``; ``fallback``: why flex was not used, if it was asked for
     implicitly and failed its check)."""
 
     gates: torch.Tensor
@@ -265,9 +310,12 @@ def _step(
     model: PreTrainedModel, gate_set: GateSet, optimizer: torch.optim.Optimizer, sample: Sample, reg: float,
     world: World | None = None,
 ) -> dict[str, float]:
-    """One optimisation step on one sample: teacher pass, student pass, backward, AdamW, clamp."""
+    """One optimisation step on one sample: teacher pass, student pass, backward, optimiser step; the gates are
+    clamped to [0, 1] unless the student is binarised (``gate_set.hard``), whose gradient is RMS-normalised and
+    carries no regulariser."""
     if world is not None and world.size > 1:
         return _parallel_step(model, gate_set, optimizer, sample, reg, world)
+    hard = gate_set.hard is not None
     device = gate_set.gates.device
     ids = sample.input_ids.to(device)[None]
     positions = sample.loss_positions.to(device)
@@ -278,12 +326,16 @@ def _step(
     hidden = student_forward(model, gate_set, ids, start, exact_from=first_loss)[0, positions - start].float()
     distill = (hidden - target).pow(2).mean()
     penalty = gate_set.gates[gate_set.gated_layers].abs().mean()
-    loss = distill + reg * penalty
+    loss = distill if hard else distill + reg * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
     with torch.no_grad():
-        gate_set.gates.clamp_(0.0, 1.0)
+        if hard:
+            grad = gate_set.gates.grad
+            grad.div_(grad[gate_set.gated_layers].pow(2).mean().sqrt().clamp_min(1e-12))
+        optimizer.step()
+        if not hard:
+            gate_set.gates.clamp_(0.0, 1.0)
     gate_set.clear()
     return {"loss": loss.item(), "distill": distill.item(), "reg": penalty.item()}
 
@@ -368,19 +420,30 @@ def train_gates(
     """
     parallel = world is not None and world.size > 1
     main = not parallel or world.is_main
+    if parallel and config.full_term == "student":
+        raise UsageError("full_term='student' runs in one process: sequence parallelism takes the teacher's full term")
     cfg = text_config(model)
     device = next(model.parameters()).device
-    gates = nn.Parameter(torch.ones(cfg.num_hidden_layers, cfg.num_key_value_heads, device=device))
-    optimizer = torch.optim.AdamW([gates], lr=config.lr, weight_decay=0.0)
-    start, history = _restore(gates, optimizer, config, settings, checkpoint_dir)
+    gates = nn.Parameter(initial_gates(config, cfg.num_hidden_layers, cfg.num_key_value_heads).to(device))
+    soft_steps = config.steps - config.hard_steps
+    optimizers = {"soft": torch.optim.AdamW([gates], lr=config.lr, weight_decay=0.0),
+                  "hard": torch.optim.SGD([gates], lr=config.hard_lr, momentum=0.9)}
+
+    def phase(step: int) -> str:
+        return "soft" if step < soft_steps else "hard"
+
+    start, history = _restore(gates, optimizers, phase, config, settings, checkpoint_dir)
 
     requires_grad = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval()
     model.requires_grad_(False)  # only the gates get gradients
     kernel, fallback = _student_kernel(model, config, device)
-    gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent, sliding_windows(cfg), kernel)
+    windows = sliding_windows(cfg)
+    gate_set = GateSet(gates, cfg.num_attention_heads, config.sink, config.recent, windows, kernel,
+                       full_term=config.full_term)
     gated = gate_set.gated_layers
+    layers = gated.cpu().numpy()
     recompute = resolve_checkpointing(config.checkpointing, device)
     bar = tqdm(total=config.steps, initial=start, desc="identify", unit="step", disable=not (progress and main))
     try:
@@ -389,12 +452,22 @@ def train_gates(
         ):
             for step in range(start, config.steps):
                 tic = time.perf_counter()
-                lr = config.lr * lr_factor(step, config.steps)
+                optimizer = optimizers[phase(step)]
+                if phase(step) == "soft":
+                    lr = config.lr * lr_factor(step, soft_steps)
+                    budget = None
+                    gate_set.hard = None
+                else:
+                    lr = config.hard_lr * lr_factor(step - soft_steps, config.hard_steps)
+                    budget = config.hard_budgets[(step - soft_steps) % len(config.hard_budgets)]
+                    gate_set.hard = torch.from_numpy(hard_roles(gates, budget, layers, config.min_per_layer)).to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 sample = sample_fn(step)
                 record = {"step": step + 1, **_step(model, gate_set, optimizer, sample, config.reg, world)}
                 record.update(mean_gate=gates[gated].mean().item(), lr=lr, length=int(sample.input_ids.numel()))
+                if budget is not None:
+                    record["budget"] = budget
                 record["seconds"] = time.perf_counter() - tic
                 history.append(record)
                 bar.update()
@@ -406,20 +479,66 @@ def train_gates(
     finally:
         bar.close()
         gate_set.shard = None
+        gate_set.hard = None
         for param, flag in zip(model.parameters(), requires_grad):
             param.requires_grad_(flag)
         model.train(was_training)
-    return TrainResult(gates.detach().cpu().clone(), history, kernel, recompute, fallback)
+    trained = gates.detach().cpu().clone()
+    if config.hard_steps:
+        trained = scores_to_gates(trained, config.hard_budgets[0], layers, config.min_per_layer)
+    return TrainResult(trained, history, kernel, recompute, fallback)
+
+
+def initial_gates(config: IdentifyConfig, num_layers: int, num_kv_heads: int) -> torch.Tensor:
+    """float32 ``[num_layers, num_kv_heads]``: ``config.init``'s gates, or ones."""
+    if config.init is None:
+        return torch.ones(num_layers, num_kv_heads)
+    pattern = HeadPattern.from_pretrained(config.init)
+    if pattern.gates.shape != (num_layers, num_kv_heads):
+        raise UsageError(f"init pattern {config.init!r} has gates of shape {pattern.gates.shape}, the model needs "
+                         f"{(num_layers, num_kv_heads)} (layers x KV heads)")
+    return torch.from_numpy(pattern.gates).float()
+
+
+def hard_roles(gates: torch.Tensor, budget: float, layers: Any, min_per_layer: int = 0) -> Any:
+    """Bool ``[num_layers, num_kv_heads]``: ``gates`` binarised at ``budget`` (a fraction of retrieval heads)
+    exactly as a deployment binarises them (:meth:`HeadPattern.binarize`, unclamped scores ranked as they are)."""
+    scores = gates.detach().double().cpu().numpy()
+    ranks = np.argsort(np.argsort(scores, axis=None, kind="stable"), kind="stable").reshape(scores.shape)
+    # binarize clips to [0, 1]: rank positions keep the order of unclamped scores (ties: the later head higher)
+    return HeadPattern(ranks / max(1, ranks.size - 1)).binarize(sparsity=1.0 - budget, layers=layers,
+                                                               min_per_layer=min_per_layer)
+
+
+def scores_to_gates(scores: torch.Tensor, budget: float, layers: Any, min_per_layer: int = 0) -> torch.Tensor:
+    """Unclamped scores mapped into [0, 1] keeping their order, float64: a logistic curve centred between the last
+    head kept at ``budget`` and the first one dropped (the heads kept there are those with a gate of at least 0.5),
+    re-ranked by :func:`~.select.rank_gates` so that no two heads tie and every budget binarises as the scores
+    rank (:func:`hard_roles` gives the same set before and after)."""
+    flat = scores.double()
+    layers = np.asarray(layers, dtype=bool)
+    roles = torch.from_numpy(hard_roles(flat, budget, layers, min_per_layer))
+    selected = torch.from_numpy(layers)[:, None].expand_as(roles)
+    kept, dropped = flat[roles & selected], flat[~roles & selected]
+    centre = (kept.min() + dropped.max()) / 2 if kept.numel() and dropped.numel() else flat[selected].mean()
+    width = flat[selected].std().clamp_min(1e-6) if int(selected.sum()) > 1 else torch.tensor(1.0)
+    mapped = torch.sigmoid((flat - centre) / width).numpy()
+    mapped[~layers] = 1.0
+    ranks = np.argsort(np.argsort(flat.numpy(), axis=None, kind="stable"), kind="stable").reshape(mapped.shape)
+    order = strength_order(ranks.astype(np.float64), layers)
+    return torch.from_numpy(rank_gates(mapped, order, layers))
 
 
 def _restore(
     gates: nn.Parameter,
-    optimizer: torch.optim.Optimizer,
+    optimizers: dict[str, torch.optim.Optimizer],
+    phase: Callable[[int], str],
     config: IdentifyConfig,
     settings: dict[str, Any],
     checkpoint_dir: Path,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Load the checkpoint into ``gates`` and ``optimizer`` when resuming; return (first step, history)."""
+    """Load the checkpoint into ``gates`` and the optimiser of the phase its last step ran in (``phase(step)``:
+    ``soft`` or ``hard``) when resuming; return (first step, history)."""
     if not has_checkpoint(checkpoint_dir):
         return 0, []
     if not config.resume:
@@ -436,5 +555,8 @@ def _restore(
         raise ValueError(f"cannot resume: the checkpoint in {str(checkpoint_dir)!r} does not fit this run")
     with torch.no_grad():
         gates.copy_(ckpt.gates)
-    optimizer.load_state_dict({"state": ckpt.optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    if ckpt.step > 0:
+        optimizer = optimizers[phase(ckpt.step - 1)]
+        optimizer.load_state_dict({"state": ckpt.optimizer_state,
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
     return ckpt.step, ckpt.history
