@@ -73,23 +73,27 @@ def _parallel(out: Path, length: int, num_loss: int, stop_at: int | None = None,
 
 
 @pytest.mark.parametrize(
-    "length, num_loss, size, kwargs",
+    "length, num_loss, size, kwargs, atol",
     [
         # odd length (49 + 48), the student spans both ranks, a window much shorter than a rank's slice
-        (97, 60, 2, dict(recent=8)),
+        (97, 60, 2, dict(recent=8), 1e-10),
         # a window (24) longer than a rank's slice (17 / 16): rank 1's first queries read every student key of
         # rank 0; recomputation replays the exchange in the backward pass. (Queries below sink + recent = 26 see
         # every earlier key, so no gradient crosses the ranks here; the next case has it.)
-        (33, 20, 2, dict(recent=24, min_len=33, max_len=33, checkpointing="on")),
+        (33, 20, 2, dict(recent=24, min_len=33, max_len=33, checkpointing="on"), 1e-10),
         # three ranks of 17: rank 2's windows reach back to position 11, over the student keys of ranks 0 and 1
-        (51, 40, 3, dict(recent=24, min_len=51, max_len=51)),
+        (51, 40, 3, dict(recent=24, min_len=51, max_len=51), 1e-10),
+        # budget-aware steps: the ranks binarise the same gates and normalise the summed gradient. The float32
+        # gradient summed over ranks differs from one process's in its last bits, and the normalised SGD step is
+        # linear in it (Adam's is not), so the gates agree to float32 rounding instead
+        (97, 60, 2, dict(steps=4, hard_steps=2, hard_budgets=(0.5, 0.25), hard_lr=0.05), 2e-6),
     ],
 )
-def test_sequence_parallel_gates_equal_one_process(tmp_path, length, num_loss, size, kwargs):
+def test_sequence_parallel_gates_equal_one_process(tmp_path, length, num_loss, size, kwargs, atol):
     one = _train(None, str(tmp_path / "one"), length, num_loss, kwargs)
     many = _parallel(tmp_path / "many", length, num_loss, size=size, **kwargs)
     assert (one < 1).any(), "the gates must move for the comparison to mean anything"
-    torch.testing.assert_close(many, one, rtol=0, atol=1e-10)
+    torch.testing.assert_close(many, one, rtol=0, atol=atol)
     # the student pass starts before the last rank's slice: it runs on several ranks, across their boundaries
     assert length - num_loss < SequenceShard.split(length, size - 1, size).lo
 

@@ -366,7 +366,8 @@ def _parallel_step(
     count = positions.numel() * hidden.shape[-1]
     distill = (hidden - target).pow(2).sum() / count
     penalty = gate_set.gates[gate_set.gated_layers].abs().mean()
-    loss = touch(distill + (reg * penalty if world.is_main else 0.0), states)
+    hard = gate_set.hard is not None
+    loss = touch(distill + (reg * penalty if world.is_main and not hard else 0.0), states)
     optimizer.zero_grad(set_to_none=False)
     with collective_errors(world, "the backward pass"):
         if loss.requires_grad:
@@ -377,9 +378,12 @@ def _parallel_step(
         dist.broadcast(grad, 0, group=world.group)  # bit-identical gradients, so the gates stay identical
         dist.all_reduce(terms, group=world.group)
     gate_set.gates.grad = grad
-    optimizer.step()
     with torch.no_grad():
-        gate_set.gates.clamp_(0.0, 1.0)
+        if hard:  # the summed gradient, normalised as in one process
+            grad.div_(grad[gate_set.gated_layers].pow(2).mean().sqrt().clamp_min(1e-12))
+        optimizer.step()
+        if not hard:
+            gate_set.gates.clamp_(0.0, 1.0)
     gate_set.clear()
     return {"loss": terms[1].item(), "distill": terms[0].item(), "reg": penalty.item()}
 
