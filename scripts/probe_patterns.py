@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-full", action="store_true", help="skip full attention")
+    parser.add_argument("--min-per-layer", type=int, default=0,
+                        help="retrieval heads every layer keeps at least (HeadPattern.binarize)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -125,9 +127,12 @@ def main() -> None:
         pattern = HeadPattern.from_pretrained(name)
         for budget in [float(b) for b in args.budgets.split(",")]:
             tic = time.perf_counter()
-            with duo_attention(model, pattern, sparsity=1.0 - budget):
+            roles = pattern.binarize(sparsity=1.0 - budget, min_per_layer=args.min_per_layer)
+            binary = HeadPattern(roles.astype(float), sink=pattern.sink, recent=pattern.recent)
+            with duo_attention(model, binary):  # 0/1 gates: the default threshold gives exactly these roles
                 results = score(model, items, f"{name} {budget:g}")
-            record(name, budget, results, time.perf_counter() - tic)
+            label = name if not args.min_per_layer else f"{name} (min {args.min_per_layer}/layer)"
+            record(label, budget, results, time.perf_counter() - tic)
 
 
 if __name__ == "__main__":

@@ -267,3 +267,22 @@ def test_cli_refuses_bad_hard_settings_by_name(tmp_path, capsys):
     assert main(["identify", "--out", str(out), "--init", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_hard_checkpoint_holds_scores_and_momentum_and_nothing_else(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from duoattn.identify.checkpoint import load_checkpoint
+
+    cfg = config(tmp_path, steps=3, hard_steps=2, save_every=1, full_term="student", hard_lr=0.5)
+    train(one_long_range_head_model(), cfg)
+    directory = Path(cfg.out) / "checkpoint"
+    ckpt = load_checkpoint(directory)
+    assert ckpt.step == 3 and set(ckpt.optimizer_state[0]) == {"momentum_buffer"}
+    assert ckpt.gates.max() > 1 or ckpt.gates.min() < 0  # unclamped scores load as they are
+    (path,) = directory.glob("step-*.safetensors")
+    tensors = load_file(str(path))
+    tensors["optimizer.0.exp_avg"] = torch.zeros_like(tensors["gates"])  # Adam's state beside SGD's
+    save_file(tensors, str(path), metadata={"step": "3"})
+    with pytest.raises(ValueError, match=r"unexpected tensors \['optimizer.0.exp_avg'\]"):
+        load_checkpoint(directory)

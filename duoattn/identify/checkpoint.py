@@ -137,7 +137,8 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     if unknown:
         raise UsageError(f"{where} holds unexpected tensors {unknown}; expected {sorted(expected)}")
     if fields == SGD_FIELDS:  # hard steps: the gates are scores, any finite value
-        return Checkpoint(step, settings, history, gates, {0: {SGD_FIELDS[0]: _tensor(tensors, momentum, shape, where)}})
+        state = {0: {SGD_FIELDS[0]: _tensor(tensors, momentum, shape, where)}}
+        return Checkpoint(step, settings, history, gates, state)
     if gates.min() < 0 or gates.max() > 1:
         raise UsageError(f"{where}: gates must lie in [0, 1] (they are clamped after every step), got "
                          f"{gates.min().item():g}..{gates.max().item():g}")

@@ -296,8 +296,8 @@ class Sample(Protocol):
 @dataclass
 class TrainResult:
     """Gates ``[num_layers, num_kv_heads]`` (CPU; float32, float64 after hard steps), one history record per step,
-    and how the student ran (``kernel``: ``flex`` or ``blocks``; ``checkpointing``; ``fallback``: why flex was not used, if it was asked for
-    implicitly and failed its check)."""
+    and how the student ran (``kernel``: ``flex`` or ``blocks``; ``checkpointing``; ``fallback``: why flex was not
+    used, if it was asked for implicitly and failed its check)."""
 
     gates: torch.Tensor
     history: list[dict[str, Any]]
@@ -554,7 +554,8 @@ def _restore(
     if ckpt.settings != settings:
         diff = sorted(k for k in set(ckpt.settings) | set(settings) if ckpt.settings.get(k) != settings.get(k))
         details = ", ".join(f"{k}: {ckpt.settings.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-        raise ValueError(f"cannot resume: the checkpoint in {str(checkpoint_dir)!r} was made with other settings ({details})")
+        raise ValueError(f"cannot resume: the checkpoint in {str(checkpoint_dir)!r} was made with other settings "
+                         f"({details})")
     if tuple(ckpt.gates.shape) != tuple(gates.shape) or ckpt.step > config.steps:
         raise ValueError(f"cannot resume: the checkpoint in {str(checkpoint_dir)!r} does not fit this run")
     with torch.no_grad():
