@@ -300,7 +300,7 @@ def test_bad_requests_get_4xx_naming_the_field(served):
 
 
 def test_memory_refusals_get_503_and_the_server_keeps_serving(tiny, tokenizer):
-    _, handle = tiny
+    model, handle = tiny
     budget = handle.expected_kv_bytes(200)
     with _serve(tiny, tokenizer, kv_budget_gib=budget / 2**30, max_batch=1, queue_size=1,
                          queue_timeout=0.5) as served:
@@ -309,18 +309,24 @@ def test_memory_refusals_get_503_and_the_server_keeps_serving(tiny, tokenizer):
         status, reply = served.post("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 400})
         assert status == 503 and reply["error"]["code"] == "kv_pool_too_small", reply
         assert "MiB" in reply["error"]["message"]
-        # the one batch slot is taken: the next request waits, then times out; one more finds the queue full
-        holder = served.client.completions.create(model=NAME, prompt="Hi", max_tokens=150, temperature=0,
-                                                  stream=True)
-        next(iter(holder))
-        with ThreadPoolExecutor(1) as ex:
-            waiter = ex.submit(served.post, "/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 2})
-            assert wait_until(lambda: pool.waiting == 1)
-            status, reply = served.post("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 2})
-            assert status == 503 and reply["error"]["code"] == "queue_full", reply
-            status, reply = waiter.result(timeout=30)
-            assert status == 503 and reply["error"]["code"] == "queue_timeout", reply
-        holder.close()
+        # the one batch slot is taken: the next request waits, then times out; one more finds the queue full.
+        # Each forward sleeps 20 ms so that the holder's 150 tokens take 3 s whatever the machine: the tiny model
+        # alone can finish them within the waiter's 0.5 s queue timeout and hand it the slot.
+        slow = model.register_forward_pre_hook(lambda *args: time.sleep(0.02))
+        try:
+            holder = served.client.completions.create(model=NAME, prompt="Hi", max_tokens=150, temperature=0,
+                                                      stream=True)
+            next(iter(holder))
+            with ThreadPoolExecutor(1) as ex:
+                waiter = ex.submit(served.post, "/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 2})
+                assert wait_until(lambda: pool.waiting == 1)
+                status, reply = served.post("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 2})
+                assert status == 503 and reply["error"]["code"] == "queue_full", reply
+                status, reply = waiter.result(timeout=30)
+                assert status == 503 and reply["error"]["code"] == "queue_timeout", reply
+            holder.close()
+        finally:
+            slow.remove()
         assert wait_until(lambda: pool.in_use == 0 and pool.running == 0 and pool.waiting == 0)
         # the device running out of memory fails that request only
         scheduler = served.engine.scheduler
