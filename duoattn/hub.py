@@ -233,7 +233,8 @@ _IDENTIFY_FLAGS = (
     ("steps", "--steps"), ("min_len", "--min-len"), ("max_len", "--max-len"), ("num_passkeys", "--num-passkeys"),
     ("passkey_words", "--passkey-words"), ("lr", "--lr"), ("reg", "--reg"), ("sink_size", "--sink"),
     ("recent_size", "--recent"), ("device", "--device"), ("dtype", "--dtype"), ("seed", "--seed"),
-    ("save_every", "--save-every"),
+    ("save_every", "--save-every"), ("full_term", "--full-term"), ("loss_positions", "--loss-positions"),
+    ("init", "--init"), ("hard_steps", "--hard-steps"), ("hard_budgets", "--hard-budgets"), ("hard_lr", "--hard-lr"),
 )
 
 
@@ -246,7 +247,12 @@ def identify_command(pattern: HeadPattern) -> str | None:
     model = recorded.get("model")
     if model and model != EMBEDDED_NAME:
         parts += ["--model", str(model)]
-    parts += [str(item) for key, flag in _IDENTIFY_FLAGS if key in recorded for item in (flag, recorded[key])]
+    if not recorded.get("hard_steps"):  # the hard-step settings do nothing without hard steps
+        recorded = {k: v for k, v in recorded.items() if k not in ("hard_steps", "hard_budgets", "hard_lr")}
+    for key, flag in _IDENTIFY_FLAGS:
+        value = recorded.get(key)
+        if value is not None:
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     if recorded.get("haystack"):
         parts += ["--haystack", *map(str, recorded["haystack"])]
     return shlex.join(parts + ["--out", "DIR"])

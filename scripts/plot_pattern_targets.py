@@ -5,7 +5,7 @@ pattern and random heads, with the target (a fraction of full attention's score)
 
     python scripts/plot_pattern_targets.py [TABLE.json [OUT.png]]
 
-Defaults: docs/runs/pattern-targets-2026-12-01.json and docs/img/pattern_targets.png.
+Defaults: docs/runs/pattern-targets-2026-12-06.json and docs/img/pattern_targets.png.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ PATTERN_STYLE = {
     "shipped": dict(color="#2ca02c", marker="^"),
     "refined-100": dict(color="#1f77b4", marker="o"),
     "refined-180": dict(color="#ff7f0e", marker="D"),
+    "soft": dict(color="#2ca02c", marker="^"),
+    "shipped (hard)": dict(color="#d62728", marker="o"),
+    "hard-160": dict(color="#9467bd", marker="D"),
+    "hard-160+30 (GPU)": dict(color="#8c564b", marker="v"),
 }
 TASK_NAME = {"passkey": "passkey", "niah": "NIAH"}
 
@@ -69,7 +73,7 @@ def plot(table: dict[str, Any], path: Path) -> Path:
                 else:
                     missing = [f"{n // 1024}K" for n, s in zip(lengths, row[task]) if s is None]
                     label = row["pattern"] + (f" ({', '.join(missing)} not run)" if missing else "")
-                    ax.plot(xs, ys, label=label, **PATTERN_STYLE[row["pattern"]])
+                    ax.plot(xs, ys, label=label, **PATTERN_STYLE.get(row["pattern"], {}))
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
             ax.minorticks_off()
@@ -87,7 +91,7 @@ def plot(table: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str]) -> None:
     if len(argv) > 2:
         sys.exit(__doc__)
-    source = Path(argv[0]) if argv else REPO / "docs/runs/pattern-targets-2026-12-01.json"
+    source = Path(argv[0]) if argv else REPO / "docs/runs/pattern-targets-2026-12-06.json"
     out = Path(argv[1]) if len(argv) > 1 else REPO / "docs/img/pattern_targets.png"
     try:
         table = json.loads(source.read_text())

@@ -214,7 +214,10 @@ def test_the_model_card_of_an_identified_pattern_rebuilds_its_command(tmp_path):
     assert (args.command, args.model, args.out) == ("identify", None, "DIR")
     assert (args.steps, args.min_len, args.max_len, args.lr, args.reg) == (
         md["steps"], md["min_len"], md["max_len"], md["lr"], md["reg"])
-    assert (args.sink, args.recent, args.device, args.dtype, args.seed) == (64, 256, "cuda", "float32", md["seed"])
+    assert (args.sink, args.recent, args.device, args.dtype, args.seed) == (64, 256, md["device"], "float32", md["seed"])
+    assert (args.full_term, args.init, args.hard_steps, args.hard_lr) == (
+        md["full_term"], md["init"], md["hard_steps"], md["hard_lr"])
+    assert list(args.hard_budgets) == md["hard_budgets"]
     card = (pattern.save_pretrained(tmp_path / "p") / "README.md").read_text()
     assert f"```bash\n{command}\n```" in card
     assert "load_model()   # the embedded" in card
