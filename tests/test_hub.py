@@ -222,3 +222,14 @@ def test_the_model_card_of_an_identified_pattern_rebuilds_its_command(tmp_path):
     assert f"```bash\n{command}\n```" in card
     assert "load_model()   # the embedded" in card
     assert hub.identify_command(HeadPattern.uniform(2, 2)) is None
+
+
+def test_a_soft_run_rebuilds_without_hard_step_flags():
+    """The soft pattern the shipped one starts from: no hard steps recorded, so no hard-step flags, and the command
+    parses back to argparse's defaults for them."""
+    soft = Path(__file__).resolve().parent.parent / "docs" / "runs" / "smollm2-soft-200-2026-11-29"
+    pattern = HeadPattern.from_pretrained(soft)
+    command = hub.identify_command(pattern)
+    assert "--hard" not in command and "--init" not in command
+    args = cli.build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.steps, args.device, args.hard_steps, args.init) == (200, "cuda", 0, None)
