@@ -39,6 +39,10 @@ for job in $(jobs -p); do wait "$job" || status=1; done
 echo "eval $((SECONDS - start)) s" | tee -a "$ROOT/timings.txt"
 "$PY" "$REPO/scripts/pattern_summary.py" "$ROOT" | tee "$ROOT/summary.txt"
 if [[ $status != 0 ]]; then
+    # Name each failed run and its error (many processes on one GPU can run out of its memory).
+    for log in $(grep -l "Traceback" "$ROOT"/*.log); do
+        echo "failed: $log: $(tail -n 1 "$log" | cut -c 1-200)" >&2
+    done
     echo "an eval process failed: see $ROOT/*.log" >&2
     exit 1
 fi
