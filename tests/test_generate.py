@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_llama
 from test_pipeline import separate_answer, word_tokenizer, words
 
-from duoattn import HeadPattern, cli
+from duoattn import HeadPattern, cli, hub
 from duoattn import generate as gen
 from duoattn.eval.passkey import QUESTION, passkey_sample
 
@@ -96,7 +96,8 @@ def test_long_prompts_show_prefill_progress_on_stderr(tiny, monkeypatch):
         ([], "nothing to answer"),
         (["--file", "-", "--file", "-"], "stdin can be read once"),
         (["--file", "/nonexistent/doc.txt"], "--file '/nonexistent/doc.txt' is not a file"),
-        (["--model", "meta-llama/Llama-3.1-8B-Instruct", "--prompt", "x"],
+        # the model id of a published pattern (a name lookup: nothing is downloaded)
+        (["--model", hub.upstream_pattern("Llama-3.1-8B-Instruct").model, "--prompt", "x"],
          "needs --pattern .* published for it is --pattern Llama-3.1-8B-Instruct"),
         (["--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
