@@ -81,17 +81,20 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--seed", type=int, default=31337)
+    parser.add_argument("--model", default=None, help="HF id, directory or .gguf (default: the embedded SmolLM2)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
     out = Path(args.out)
     init = HeadPattern.from_pretrained(args.init)
-    model, tokenizer = load_model(device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device)
     config = IdentifyConfig(out=str(out), init=args.init, steps=args.steps, hard_steps=args.steps,
                             hard_budgets=tuple(float(b) for b in args.budgets.split(",")), hard_lr=args.lr,
                             full_term="student", sink=init.sink, recent=init.recent, min_len=args.min_len,
-                            max_len=args.max_len, seed=args.seed, device=args.device, val_samples=0)
-    settings = {**config.settings(), "data": "oracle tasks: digit passkeys and needles", "script": __file__}
+                            max_len=args.max_len, seed=args.seed, device=args.device, val_samples=0,
+                            model=args.model)
+    settings = {**config.settings(), "data": "oracle tasks: digit passkeys and needles",
+                "script": "scripts/oracle_heads.py"}
     result = train_gates(model, task_samples(tokenizer, args.min_len, args.max_len, args.seed), config, settings,
                          out / "checkpoint")
     pattern = HeadPattern(result.gates.double().numpy(), sink=init.sink, recent=init.recent, metadata=settings)

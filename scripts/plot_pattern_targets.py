@@ -28,6 +28,11 @@ PATTERN_STYLE = {
     "shipped (hard)": dict(color="#d62728", marker="o"),
     "hard-160": dict(color="#9467bd", marker="D"),
     "hard-160+30 (GPU)": dict(color="#8c564b", marker="v"),
+    "hard-10 (CPU)": dict(color="#9467bd", marker="D"),
+    "GPU, 100 steps at 2-8K": dict(color="#8c564b", marker="v"),
+    "oracle 25%+50% (tasks)": dict(color="#1f77b4", marker="o"),
+    "oracle 25% (tasks)": dict(color="#ff7f0e", marker="P"),
+    "oracle 25% (tasks, from soft)": dict(color="#17becf", marker="X"),
 }
 TASK_NAME = {"passkey": "passkey", "niah": "NIAH"}
 
