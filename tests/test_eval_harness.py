@@ -193,6 +193,8 @@ def test_cli_eval_end_to_end_and_clear_errors(tmp_path, model, tok, capsys):
     assert config["generation"]["prefill_chunk_size"] == 64
     assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
     assert main(argv[:7] + ["duo"] + argv[8:]) == 2
-    assert "method 'duo' needs a learned pattern: pass --pattern DIR" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "method 'duo' needs a learned pattern: pass --pattern DIR" in err
+    assert "default only without --model" in err and "--pattern SmolLM2-135M-Instruct" in err
     assert main(["eval", "niah", "--out", str(tmp_path / "x"), "--depths", "0,2"]) == 2
     assert "depths must be in [0, 1]" in capsys.readouterr().err

@@ -130,7 +130,10 @@ def _pattern(config: EvalConfig, methods: list[Method]) -> tuple[HeadPattern | N
     directory = config.pattern_dir()
     if directory is None:
         if any(m.kind == "duo" for m in methods):
-            raise UsageError("method 'duo' needs a learned pattern: pass --pattern DIR (made by `duoattn identify`)")
+            hint = (f"; the shipped {EMBEDDED_NAME} pattern is the default only without --model (for another copy of "
+                    f"the embedded model: --pattern {EMBEDDED_NAME})") if config.model is not None else ""
+            raise UsageError("method 'duo' needs a learned pattern: pass --pattern DIR (made by `duoattn identify`) "
+                             f"or a pattern name{hint}")
         return None, {"path": None}
     pattern = HeadPattern.load(directory)
     digest = hashlib.sha256(pattern.gates.tobytes()).hexdigest()[:16]
