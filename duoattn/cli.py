@@ -556,6 +556,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
+    p.add_argument("--prefill", default=d.prefill,
+                   help="DuoAttention's prefill mode: streaming (default), full or window:N (the prompt's last N "
+                        "tokens attend fully on every head); the KV pool keeps room for one prompt's history")
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -583,6 +586,7 @@ def run_serve(args: argparse.Namespace) -> None:
             device=args.device,
             dtype=args.dtype,
             cuda_graphs=not args.no_graph,
+            prefill=args.prefill,
         )
     )
 

@@ -127,6 +127,20 @@ class DuoAttentionHandle:
             cache.preallocate(batch_size, self.model.dtype, self.model.device, model_head_dim(cfg))
         return cache
 
+    def prompt_history_bytes(self, prompt_len: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+        """Device bytes a cache holds on top of :meth:`expected_kv_bytes` while a prompt of ``prompt_len`` tokens is
+        prefilled, by the prefill mode (:mod:`duoattn.prefill`): 0 for ``"streaming"``; for ``"full"`` the
+        streaming heads' keys and values of the whole prompt in every DuoAttention layer; for ``"window:N"`` one
+        layer's worth (the room they come back into from host memory; the host copies are not counted). Freed
+        after the prompt's last chunk."""
+        if self.prefill.streams:
+            return 0
+        elem = torch.empty((), dtype=dtype or self.model.dtype).element_size()
+        roles = self.rank_roles[self.duo_layers]
+        n_str = (~roles).sum(axis=1)
+        heads = int(n_str.sum()) if self.prefill.kind == "full" else int(n_str.max(initial=0))
+        return 2 * batch_size * heads * int(prompt_len) * model_head_dim(text_config(self.model)) * elem
+
     def expected_kv_bytes(self, max_len: int | torch.Tensor, batch_size: int = 1,
                           dtype: torch.dtype | None = None) -> int:
         """Key + value bytes of a cache sized for ``max_len`` tokens (what ``cache.kv_bytes()`` reports); under

@@ -40,17 +40,24 @@ def tokenizer():
     return load_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    """A 2-layer random Llama over the SmolLM2 vocabulary, DuoAttention on (one retrieval, one streaming head)."""
+PATTERN = HeadPattern(np.array([[0.9, 0.1], [0.2, 0.8]]), sink=SINK, recent=RECENT)  # one retrieval head a layer
+
+
+def tiny_llama(tokenizer) -> LlamaForCausalLM:
+    """A 2-layer random Llama over the SmolLM2 vocabulary (float64, seeded)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
                          attn_implementation="sdpa", initializer_range=0.5)  # wide init: prompts change answers
-    model = LlamaForCausalLM(config).to(torch.float64).eval()
-    pattern = HeadPattern(np.array([[0.9, 0.1], [0.2, 0.8]]), sink=SINK, recent=RECENT)
-    handle = enable_duo_attention(model, pattern, sparsity=0.5, prefill_chunk_size=CHUNK)
+    return LlamaForCausalLM(config).to(torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    """The tiny Llama with DuoAttention on (one retrieval, one streaming head per layer)."""
+    model = tiny_llama(tokenizer)
+    handle = enable_duo_attention(model, PATTERN, sparsity=0.5, prefill_chunk_size=CHUNK)
     yield model, handle
     disable_duo_attention(model)
 
@@ -233,6 +240,50 @@ def test_concurrent_clients_get_their_own_answers(served, tiny, tokenizer):
     assert wait_until(lambda: served.engine.pool.in_use == 0)
 
 
+@pytest.mark.parametrize("mode", ["full", "window:12"])
+def test_prefill_modes_serve_what_generate_answers(tokenizer, mode):
+    """A server prefilling with ``full`` / ``window:N`` answers concurrent clients exactly as ``generate`` does
+    under the same mode (itself tested against the dense oracle), and its pool keeps one prompt's history aside."""
+    model = tiny_llama(tokenizer)
+    vocab = len(tokenizer)
+    prompts = [random_ids(n, 300 + n, vocab) for n in (9, 40, 57, 70)]  # 57 and 70: several chunks
+    handle = enable_duo_attention(model, PATTERN, sparsity=0.5, prefill_chunk_size=CHUNK, prefill=mode)
+    try:
+        expected = [reference(model, ids, 10)[0] for ids in prompts]
+        budget = 16 * handle.expected_kv_bytes(CONTEXT)
+        engine = Engine(model, tokenizer, handle, ServeConfig(prefill_chunk=CHUNK, max_model_len=CONTEXT,
+                                                              kv_budget_gib=budget / 2**30, prefill=mode), NAME)
+        # 2 layers x 1 streaming head x 2048 tokens x head_dim 8 x float64, keys and values; window: one layer's.
+        history = 2 * 1 * CONTEXT * 8 * 8 * 2 // (2 if mode.startswith("window") else 1)
+        assert engine.prefill_reserve == history and engine.pool.capacity == budget - history
+        with running_server(build_app(engine)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                answers = list(pool.map(lambda ids: client.completions.create(
+                    model=NAME, prompt=ids, max_tokens=10, temperature=0).choices[0].text, prompts))
+            assert wait_until(lambda: engine.pool.in_use == 0)
+    finally:
+        disable_duo_attention(model)
+    assert answers == [tokenizer.decode(t, skip_special_tokens=True) for t in expected]
+    handle = enable_duo_attention(model, PATTERN, sparsity=0.5, prefill_chunk_size=CHUNK)
+    try:  # the mode changes answers on these prompts: the test would see a server that ignored it
+        assert [reference(model, ids, 10)[0] for ids in prompts] != expected
+        with pytest.raises(ValueError, match=f"config.prefill is '{mode}' but the model's DuoAttention prefills "
+                                             "with 'streaming'"):
+            Engine(model, tokenizer, handle, ServeConfig(prefill=mode), NAME)
+    finally:
+        disable_duo_attention(model)
+
+
+def test_a_prefill_history_larger_than_the_budget_is_refused(tokenizer):
+    model = tiny_llama(tokenizer)
+    handle = enable_duo_attention(model, PATTERN, sparsity=0.5, prefill_chunk_size=CHUNK, prefill="full")
+    with pytest.raises(ValueError, match="prefill 'full' needs 0.00 GiB for the history of a 2048-token prompt, "
+                                         "more than the KV budget"):  # the history: 2**19 bytes
+        Engine(model, tokenizer, handle, ServeConfig(max_model_len=CONTEXT, kv_budget_gib=2**18 / 2**30,
+                                                     prefill="full"), NAME)
+
+
 def test_disconnect_mid_stream_frees_memory(served, tokenizer):
     engine = served.engine
     ids = random_ids(30, 5, len(tokenizer))
@@ -370,6 +421,7 @@ def test_models_health_and_metrics(served):
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok"
     assert health["kv_bytes_capacity"] == served.engine.pool.capacity
+    assert served.engine.prefill_reserve == 0  # the streaming prefill keeps no prompt history
     complete(served.client, True, prompt="Count: one two three", max_tokens=4, temperature=0)
     status, text = served.get("/metrics")
     assert status == 200
@@ -458,8 +510,12 @@ def test_cli_builds_the_server_config(monkeypatch):
     assert (config.model, config.pattern, config.host, config.port) == (None, None, "127.0.0.1", 8123)
     assert (config.sparsity, config.kv_bits, config.max_batch, config.kv_budget_gib) == (0.75, 4, 4, 2.0)
     assert (config.queue_size, config.queue_timeout, config.prefill_chunk) == (3, 1.5, 64)
+    assert config.prefill == "streaming"
+    assert main(["serve", "--prefill", "Window:128"]) == 0 and seen[1].prefill == "window:128"
     with pytest.raises(ValueError, match="max_batch"):
         ServeConfig(max_batch=0)
+    with pytest.raises(ValueError, match="prefill must be streaming .default., full, or window:N"):
+        ServeConfig(prefill="half")
 
 
 def test_load_generator_reports_latencies(served, tmp_path):

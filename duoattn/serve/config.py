@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..checks import check_int
+from ..prefill import PrefillMode
 from ..quant.kv import KV_BITS
 
 GIB = 2**30
@@ -37,6 +38,8 @@ class ServeConfig:
         served_name: the model name clients send; None: the model's directory or file name.
         device, dtype: where and in which precision the model runs (defaults: see ``load_model``).
         cuda_graphs: replay decode steps from CUDA graphs on the GPU.
+        prefill: DuoAttention's prefill mode, ``streaming``, ``full`` or ``window:N`` (:mod:`duoattn.prefill`); the
+            pool keeps room for one prompt's history (only one request prefills at a time).
     """
 
     model: str | None = None
@@ -56,8 +59,10 @@ class ServeConfig:
     device: str | None = None
     dtype: str | None = None
     cuda_graphs: bool = True
+    prefill: str = "streaming"
 
     def __post_init__(self) -> None:
+        self.prefill = PrefillMode.parse(self.prefill).name
         if not 0.0 <= self.sparsity <= 1.0:
             raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity}")
         if self.kv_bits not in KV_BITS:

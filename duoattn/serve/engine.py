@@ -84,8 +84,18 @@ class Engine:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
         self.metrics = ServerMetrics()
-        self.pool = KVPool(kv_budget_bytes(config, model.device), config.max_batch, config.queue_size,
-                           config.queue_timeout)
+        if handle.prefill.name != config.prefill:
+            raise ValueError(f"config.prefill is {config.prefill!r} but the model's DuoAttention prefills with "
+                             f"{handle.prefill.name!r}: enable it with prefill={config.prefill!r}")
+        # One request prefills at a time: the pool keeps room for the prompt history of the longest prompt.
+        budget = kv_budget_bytes(config, model.device)
+        self.prefill_reserve = handle.prompt_history_bytes(self.context_len)
+        if self.prefill_reserve >= budget:
+            raise ValueError(f"prefill {config.prefill!r} needs {self.prefill_reserve / GIB:.2f} GiB for the history "
+                             f"of a {self.context_len}-token prompt, more than the KV budget of "
+                             f"{budget / GIB:.2f} GiB: raise --kv-budget-gib, lower --max-model-len, or use "
+                             "--prefill window:N or streaming")
+        self.pool = KVPool(budget - self.prefill_reserve, config.max_batch, config.queue_size, config.queue_timeout)
         self.metrics.watch(lambda: self.pool.waiting, lambda: self.pool.running, lambda: self.pool.in_use,
                            lambda: self.pool.capacity)
         self.scheduler = Scheduler(model, handle, self.eos_ids, config.prefill_chunk, self.metrics,

@@ -131,6 +131,7 @@ class Scheduler:
         sizes = [chunk, chunk, max(1, chunk // 2 + 1)]  # first chunk, a chunk after stored tokens, a shorter last one
         with torch.no_grad():
             cache = self.new_cache(sum(sizes) + 2, batch_size=1)
+            cache.begin_prompt(sum(sizes))  # the prefill mode's dense chunks compile too
             for n in sizes:
                 self.model(input_ids=torch.zeros(1, n, dtype=torch.long, device=self.device), use_cache=True,
                            logits_to_keep=1, **{self.cache_name: cache})
@@ -204,6 +205,7 @@ class Scheduler:
             return
         try:
             seq.cache = self.new_cache(len(seq.prompt) + seq.params.max_tokens, batch_size=1)
+            seq.cache.begin_prompt(len(seq.prompt))  # in chunks, over many rounds: the prefill mode needs its end
             seq.generator = seq.params.generator(self.device)
         except Exception as err:  # noqa: BLE001
             self._advance(seq, err)

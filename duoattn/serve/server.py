@@ -48,7 +48,7 @@ def load_engine(config: ServeConfig) -> Engine:
     pattern = HeadPattern.load(pattern_dir)
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     handle = enable_duo_attention(model, pattern, sparsity=config.sparsity, kv_bits=config.kv_bits,
-                                  cuda_graphs=config.cuda_graphs)
+                                  cuda_graphs=config.cuda_graphs, prefill=config.prefill)
     return Engine(model, tokenizer, handle, config, name)
 
 
