@@ -34,7 +34,7 @@ class NiahTask:
         needle, question: the hidden sentence and the question about it.
         answer: the words a correct answer contains (each must occur in the needle); scored by word recall.
         answer_prefix: the start of the answer, after ``"Answer: "`` (raw prompt) or in the assistant turn.
-        haystack: text files to use instead of Paul Graham's essays.
+        haystack: text files to use instead of Paul Graham's essays (``"essays"`` among them adds the essays).
     """
 
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
