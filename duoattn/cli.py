@@ -423,6 +423,10 @@ def add_identify(sub: argparse._SubParsersAction) -> None:
                    help="fractions of retrieval heads the hard steps binarise at, one per step in turn; the written "
                         "gates binarise at the first one to the set the training ranked first (default 0.25)")
     h.add_argument("--hard-lr", type=float, default=0.002, help="peak learning rate of the hard steps (default 0.002)")
+    h.add_argument("--pin-budget", type=float, default=None, metavar="FRACTION",
+                   help="nested budgets: the --init pattern's retrieval heads at this budget stay retrieval heads in "
+                        "every hard step and rank first in the result, so the hard steps choose the heads the "
+                        "larger --hard-budgets add (default: none pinned)")
     v = p.add_argument_group("validation and budget-aware selection (after training)")
     v.add_argument("--val-samples", type=int, default=4, help="validation samples; 0 skips validation (default 4)")
     v.add_argument("--val-seed", type=int, default=None, help="seed of the validation samples (default --seed + 1)")
@@ -481,6 +485,7 @@ def run_identify(args: argparse.Namespace) -> None:
         hard_budgets=tuple(args.hard_budgets),
         hard_lr=args.hard_lr,
         loss_positions=args.loss_positions,
+        pin_budget=args.pin_budget,
         **given,
     )
     result = identify(config)

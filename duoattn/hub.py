@@ -235,6 +235,7 @@ _IDENTIFY_FLAGS = (
     ("recent_size", "--recent"), ("device", "--device"), ("dtype", "--dtype"), ("seed", "--seed"),
     ("save_every", "--save-every"), ("full_term", "--full-term"), ("loss_positions", "--loss-positions"),
     ("init", "--init"), ("hard_steps", "--hard-steps"), ("hard_budgets", "--hard-budgets"), ("hard_lr", "--hard-lr"),
+    ("pin_budget", "--pin-budget"),
 )
 
 
@@ -248,7 +249,7 @@ def identify_command(pattern: HeadPattern) -> str | None:
     if model and model != EMBEDDED_NAME:
         parts += ["--model", str(model)]
     if not recorded.get("hard_steps"):  # the hard-step settings do nothing without hard steps
-        recorded = {k: v for k, v in recorded.items() if k not in ("hard_steps", "hard_budgets", "hard_lr")}
+        recorded = {k: v for k, v in recorded.items() if k not in ("hard_steps", "hard_budgets", "hard_lr", "pin_budget")}
     for key, flag in _IDENTIFY_FLAGS:
         value = recorded.get(key)
         if value is not None:

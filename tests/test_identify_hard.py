@@ -144,6 +144,17 @@ def test_hard_roles_rank_unclamped_scores_as_binarize_ranks_gates():
     assert with_floor.tolist() == [[True, False], [True, False]]
 
 
+def test_pinned_heads_are_kept_at_every_budget_whatever_their_scores():
+    scores = torch.tensor([[3.0, -5.0], [2.0, 1.0], [0.5, 4.0]], dtype=torch.float64)
+    layers = np.ones(3, dtype=bool)
+    pinned = torch.zeros(3, 2, dtype=torch.bool)
+    pinned[0, 1] = True  # the lowest score
+    for budget, want in ((1 / 6, [(0, 1)]), (0.5, [(0, 1), (2, 1), (0, 0)])):
+        roles = hard_roles(scores, budget, layers, pinned=pinned)
+        assert sorted(zip(*np.nonzero(roles))) == sorted(want)
+    assert not hard_roles(scores, 0.5, layers)[0, 1]
+
+
 def test_scores_map_into_gates_that_binarise_to_the_same_sets():
     rng = np.random.default_rng(3)
     layers = np.array([True, True, False, True, True])
@@ -175,6 +186,27 @@ def test_hard_steps_find_the_long_range_head_from_the_wrong_start(tmp_path):
     first = result.history[0]
     assert first["budget"] == budget and first["distill"] > 1e-3  # the first step streams the long-range head
     assert result.history[-1]["distill"] < 1e-12  # the last step keeps it: the binarised student is the teacher
+
+
+def test_pinned_heads_stay_and_the_hard_steps_choose_what_a_larger_budget_adds(tmp_path):
+    """Nested budgets: pinned at 25%, the init's first head stays first (unpinned, the same training at 25% moves
+    the long-range head there instead), and the 50% set adds the long-range head to it."""
+    model = one_long_range_head_model()
+    start = np.array([[0.9, 0.8], [0.7, 0.6]])
+    start[LONG_HEAD] = 0.0
+    HeadPattern(start, sink=2, recent=8).save(tmp_path / "init")
+    pinned = HeadPattern(start).binarize(sparsity=0.75)
+    assert pinned.sum() == 1 and not pinned[LONG_HEAD]
+    cfg = config(tmp_path, steps=10, hard_steps=10, hard_budgets=(0.5,), hard_lr=0.05, full_term="student",
+                 init=str(tmp_path / "init"), pin_budget=0.25)
+    result = HeadPattern(train(model, cfg).gates.numpy())
+    np.testing.assert_array_equal(result.binarize(sparsity=0.75), pinned)
+    want = pinned.copy()
+    want[LONG_HEAD] = True
+    np.testing.assert_array_equal(result.binarize(sparsity=0.5), want)
+    free = config(tmp_path / "free", steps=10, hard_steps=10, hard_budgets=(0.25,), hard_lr=0.05,
+                  full_term="student", init=str(tmp_path / "init"))
+    assert HeadPattern(train(one_long_range_head_model(), free).gates.numpy()).binarize(sparsity=0.75)[LONG_HEAD]
 
 
 def test_hard_budgets_take_turns_and_soft_steps_come_first(tmp_path):
@@ -217,6 +249,10 @@ def test_resume_across_the_switch_to_hard_steps_is_bit_for_bit(tmp_path):
     (dict(full_term="mixed"), "full_term"),
     (dict(hard_lr=0.0), "hard_lr"),
     (dict(init=" "), "init"),
+    (dict(init="p", hard_steps=2, hard_budgets=(0.25, 0.5), pin_budget=0.25), "pin_budget"),
+    (dict(init="p", hard_steps=2, pin_budget=0.0), "pin_budget"),
+    (dict(hard_steps=2, hard_budgets=(0.5,), pin_budget=0.25), "pin_budget.*needs init"),
+    (dict(init="p", hard_budgets=(0.5,), pin_budget=0.25), "pin_budget.*hard_steps"),
 ])
 def test_bad_hard_settings_are_refused_by_name(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -12,7 +12,8 @@ by its own scale and so rank a head that helps a little but always by the same s
 the ranking is what is trained here, so the gradients keep their relative sizes. With ``full_term="student"``
 each of these steps is the deployed model at that budget. The scores are mapped into [0, 1] at the end, keeping
 their order, so that binarising at the first hard budget (by sparsity or at 0.5) gives the set the scores rank
-first.
+first. With ``pin_budget`` (nested budgets) the init pattern's set at that budget is kept in every hard step and
+ranked first at the end: the hard steps then choose only the heads a larger budget adds to it.
 
 Step ``k`` trains on sample ``k`` of the data, which depends on ``(seed, k)`` only; with the gates and the AdamW
 state in the checkpoint, a resumed run repeats an uninterrupted one bit for bit (with the same student kernel and
@@ -125,6 +126,9 @@ class IdentifyConfig:
             (the positions that predict the passkeys' tokens); see :class:`~duoattn.data.passkeys.PasskeyConfig`.
         hard_lr: the peak learning rate of the hard steps (SGD with momentum 0.9 on the RMS-normalised gradient,
             with the schedule of :mod:`.schedule` over the hard steps).
+        pin_budget: nested budgets: ``init``'s retrieval heads at this budget are retrieval heads in every hard
+            step and rank first in the written gates (in ``init``'s order), so the hard steps choose only the heads
+            the larger ``hard_budgets`` add to them. None: no heads are pinned.
     """
 
     out: str
@@ -165,6 +169,7 @@ class IdentifyConfig:
     hard_budgets: tuple[float, ...] = (0.25,)
     hard_lr: float = 0.002
     loss_positions: str = "qa"
+    pin_budget: float | None = None
     passkeys: PasskeyConfig = field(init=False, repr=False)
 
     @classmethod
@@ -205,6 +210,15 @@ class IdentifyConfig:
         self.hard_budgets = tuple(float(b) for b in budgets)
         if self.init is not None and not str(self.init).strip():
             raise UsageError("init must name a pattern (a shipped or published name, or a directory)")
+        if self.pin_budget is not None:
+            pin = self.pin_budget
+            if isinstance(pin, bool) or not isinstance(pin, (int, float)) or not 0 < pin < min(budgets):
+                raise UsageError(f"pin_budget must be a fraction of retrieval heads in (0, {min(budgets)}) (below "
+                                 f"every hard budget), got {pin!r}")
+            if self.init is None or not self.hard_steps:
+                raise UsageError("pin_budget pins the init pattern's heads in the hard steps: it needs init and "
+                                 "hard_steps >= 1")
+            self.pin_budget = float(pin)
         check_dtype("dtype", self.dtype, DTYPES)
         if self.device is not None:
             self.device = check_device("device", self.device)
@@ -449,6 +463,10 @@ def train_gates(
                        full_term=config.full_term)
     gated = gate_set.gated_layers
     layers = gated.cpu().numpy()
+    pinned = None
+    if config.pin_budget is not None:
+        init = initial_gates(config, cfg.num_hidden_layers, cfg.num_key_value_heads)
+        pinned = torch.from_numpy(hard_roles(init, config.pin_budget, layers, config.min_per_layer) & layers[:, None])
     recompute = resolve_checkpointing(config.checkpointing, device)
     bar = tqdm(total=config.steps, initial=start, desc="identify", unit="step", disable=not (progress and main))
     try:
@@ -465,7 +483,8 @@ def train_gates(
                 else:
                     lr = config.hard_lr * lr_factor(step - soft_steps, config.hard_steps)
                     budget = config.hard_budgets[(step - soft_steps) % len(config.hard_budgets)]
-                    gate_set.hard = torch.from_numpy(hard_roles(gates, budget, layers, config.min_per_layer)).to(device)
+                    roles = hard_roles(gates, budget, layers, config.min_per_layer, pinned)
+                    gate_set.hard = torch.from_numpy(roles).to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 sample = sample_fn(step)
@@ -489,6 +508,8 @@ def train_gates(
             param.requires_grad_(flag)
         model.train(was_training)
     trained = gates.detach().cpu().clone()
+    if pinned is not None:
+        trained = pin_first(trained, init, pinned)
     if config.hard_steps:
         trained = scores_to_gates(trained, config.hard_budgets[0], layers, config.min_per_layer)
     return TrainResult(trained, history, kernel, recompute, fallback)
@@ -505,14 +526,27 @@ def initial_gates(config: IdentifyConfig, num_layers: int, num_kv_heads: int) ->
     return torch.from_numpy(pattern.gates).float()
 
 
-def hard_roles(gates: torch.Tensor, budget: float, layers: Any, min_per_layer: int = 0) -> Any:
+def hard_roles(gates: torch.Tensor, budget: float, layers: Any, min_per_layer: int = 0,
+               pinned: torch.Tensor | None = None) -> Any:
     """Bool ``[num_layers, num_kv_heads]``: ``gates`` binarised at ``budget`` (a fraction of retrieval heads)
-    exactly as a deployment binarises them (:meth:`HeadPattern.binarize`, unclamped scores ranked as they are)."""
-    scores = gates.detach().double().cpu().numpy()
+    exactly as a deployment binarises them (:meth:`HeadPattern.binarize`, unclamped scores ranked as they are),
+    the ``pinned`` heads (bool, same shape) ranked above all others whatever their scores."""
+    scores = gates.detach().double().cpu()
+    if pinned is not None:
+        scores = torch.where(pinned, math.inf, scores)
+    scores = scores.numpy()
     ranks = np.argsort(np.argsort(scores, axis=None, kind="stable"), kind="stable").reshape(scores.shape)
     # binarize clips to [0, 1]: rank positions keep the order of unclamped scores (ties: the later head higher)
     return HeadPattern(ranks / max(1, ranks.size - 1)).binarize(sparsity=1.0 - budget, layers=layers,
                                                                min_per_layer=min_per_layer)
+
+
+def pin_first(scores: torch.Tensor, init: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the ``pinned`` heads (bool, same shape) ranked above every other head, in the order of
+    their ``init`` gates."""
+    out = scores.clone()
+    out[pinned] = (init[pinned] - init[pinned].min() + scores[~pinned].max() + 1).to(out.dtype)
+    return out
 
 
 def scores_to_gates(scores: torch.Tensor, budget: float, layers: Any, min_per_layer: int = 0) -> torch.Tensor:
@@ -552,8 +586,9 @@ def _restore(
             "or choose another --out"
         )
     ckpt = load_checkpoint(checkpoint_dir)
-    if ckpt.settings != settings:
-        diff = sorted(k for k in set(ckpt.settings) | set(settings) if ckpt.settings.get(k) != settings.get(k))
+    # A setting a checkpoint lacks was added later: its default (None) is the behaviour the checkpoint had.
+    diff = sorted(k for k in set(ckpt.settings) | set(settings) if ckpt.settings.get(k) != settings.get(k))
+    if diff:
         details = ", ".join(f"{k}: {ckpt.settings.get(k)!r} -> {settings.get(k)!r}" for k in diff)
         raise ValueError(f"cannot resume: the checkpoint in {str(checkpoint_dir)!r} was made with other settings "
                          f"({details})")
