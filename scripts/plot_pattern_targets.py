@@ -33,6 +33,11 @@ PATTERN_STYLE = {
     "oracle 25%+50% (tasks)": dict(color="#1f77b4", marker="o"),
     "oracle 25% (tasks)": dict(color="#ff7f0e", marker="P"),
     "oracle 25% (tasks, from soft)": dict(color="#17becf", marker="X"),
+    "hard-80 (previous)": dict(color="#d62728", marker="o"),
+    "nested, CPU (shipped)": dict(color="#2ca02c", marker="^", linewidth=2.5),
+    "nested, GPU, 70 steps": dict(color="#1f77b4", marker="D"),
+    "nested, qa, 2-8K, 30 steps": dict(color="#8c564b", marker="v"),
+    "both budgets, answers": dict(color="#ff7f0e", marker="P"),
 }
 TASK_NAME = {"passkey": "passkey", "niah": "NIAH"}
 
@@ -87,8 +92,13 @@ def plot(table: dict[str, Any], path: Path) -> Path:
             ax.set_ylabel("score")
             ax.set_title(f"{TASK_NAME.get(task, task)}, {100 * budget:.0f}% retrieval heads")
             ax.grid(alpha=0.3)
-    # One legend for all panels: the lines are the same in each, and inside a panel it would hide points.
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=6, fontsize=9)
+    # One legend for all panels (inside a panel it would hide points); a pattern run at one budget only shows in
+    # that budget's panels, so the entries are gathered from every panel.
+    entries: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=4, fontsize=9)
     fig.suptitle(f"SmolLM2-135M-Instruct, {table.get('device', '')}, {table.get('date', '')}")
     return save_figure(fig, path, bbox_inches="tight")
 
