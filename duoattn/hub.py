@@ -237,6 +237,7 @@ _IDENTIFY_FLAGS = (
     ("init", "--init"), ("hard_steps", "--hard-steps"), ("hard_budgets", "--hard-budgets"), ("hard_lr", "--hard-lr"),
     ("pin_budget", "--pin-budget"),
 )
+_HARD_STEP_KEYS = ("hard_steps", "hard_budgets", "hard_lr", "pin_budget")  # meaningless without hard steps
 
 
 def identify_command(pattern: HeadPattern) -> str | None:
@@ -249,7 +250,7 @@ def identify_command(pattern: HeadPattern) -> str | None:
     if model and model != EMBEDDED_NAME:
         parts += ["--model", str(model)]
     if not recorded.get("hard_steps"):  # the hard-step settings do nothing without hard steps
-        recorded = {k: v for k, v in recorded.items() if k not in ("hard_steps", "hard_budgets", "hard_lr", "pin_budget")}
+        recorded = {k: v for k, v in recorded.items() if k not in _HARD_STEP_KEYS}
     for key, flag in _IDENTIFY_FLAGS:
         value = recorded.get(key)
         if value is not None:

@@ -24,6 +24,11 @@ from duoattn.identify.validate import validation_table
 from duoattn.io import atomic_write_text
 
 
+def fractions(text: str) -> tuple[float, ...]:
+    """``"0.25,0.5"`` -> ``(0.25, 0.5)``; argparse names the flag when this raises."""
+    return tuple(float(x) for x in text.split(",") if x)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pattern", help="pattern name or directory")
@@ -31,7 +36,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--min-len", type=int, default=2048)
     parser.add_argument("--max-len", type=int, default=4096)
-    parser.add_argument("--budgets", default="0.25,0.5")
+    parser.add_argument("--budgets", type=fractions, default=(0.25, 0.5), help="e.g. 0.25,0.5")
     parser.add_argument("--seed", type=int, default=43)
     parser.add_argument("--loss", choices=("qa", "answers"), default="qa", help="the loss positions (default qa)")
     parser.add_argument("--model", default=None, help="HF id, directory or .gguf (default: the embedded SmolLM2)")
@@ -45,7 +50,7 @@ def main() -> None:
         config = IdentifyConfig(out=scratch, sink=pattern.sink, recent=pattern.recent, seed=args.seed + 1,
                                 val_seed=args.seed, val_samples=args.samples, val_min_len=args.min_len,
                                 val_max_len=args.max_len, min_len=args.min_len, max_len=args.max_len,
-                                budgets=tuple(float(b) for b in args.budgets.split(",")), loss_positions=args.loss)
+                                budgets=args.budgets, loss_positions=args.loss)
         dataset = _validation_dataset(config, model, tokenizer, load_haystack(()))
         report, _ = _validate(model, dataset, pattern.gates, config, progress=True)
     report["pattern"] = str(args.pattern)
@@ -53,7 +58,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "validation.json", json.dumps(report, indent=1) + "\n")
-    plot_validation(report, out / "validation.png", f"{Path(str(args.pattern)).name}: {args.samples} validation samples")
+    title = f"{Path(str(args.pattern)).name}: {args.samples} validation samples"
+    plot_validation(report, out / "validation.png", title)
     print(validation_table(report))
 
 

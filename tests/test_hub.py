@@ -218,7 +218,8 @@ def test_the_model_card_of_an_identified_pattern_rebuilds_its_command(tmp_path):
     assert (args.full_term, args.init, args.hard_steps, args.hard_lr) == (
         md["full_term"], md["init"], md["hard_steps"], md["hard_lr"])
     assert list(args.hard_budgets) == md["hard_budgets"]
-    assert (args.pin_budget, args.loss_positions) == (md["pin_budget"], md["loss_positions"]) == (0.25, "answers")
+    recorded = (md["pin_budget"], md["loss_positions"])
+    assert (args.pin_budget, args.loss_positions) == recorded == (0.25, "answers")
     card = (pattern.save_pretrained(tmp_path / "p") / "README.md").read_text()
     assert f"```bash\n{command}\n```" in card
     assert "load_model()   # the embedded" in card
