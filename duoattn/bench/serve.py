@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..batch import BatchCache
 from ..checks import check_int
 from ..deploy import DuoAttentionHandle, cache_kwarg, duo_attention
 from ..graphs import BatchGraphs, GraphStep
