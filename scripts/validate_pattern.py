@@ -18,7 +18,7 @@ from pathlib import Path
 from duoattn import HeadPattern, load_model
 from duoattn.data.haystack import load_haystack
 from duoattn.identify.plots import plot_validation
-from duoattn.identify.run import _validate, _validation_dataset
+from duoattn.identify.run import validate_gates, validation_dataset
 from duoattn.identify.train import IdentifyConfig
 from duoattn.identify.validate import validation_table
 from duoattn.io import atomic_write_text
@@ -51,8 +51,8 @@ def main() -> None:
                                 val_seed=args.seed, val_samples=args.samples, val_min_len=args.min_len,
                                 val_max_len=args.max_len, min_len=args.min_len, max_len=args.max_len,
                                 budgets=args.budgets, loss_positions=args.loss)
-        dataset = _validation_dataset(config, model, tokenizer, load_haystack(()))
-        report, _ = _validate(model, dataset, pattern.gates, config, progress=True)
+        dataset = validation_dataset(config, model, tokenizer, load_haystack(()))
+        report, _ = validate_gates(model, dataset, pattern.gates, config, progress=True)
     report["pattern"] = str(args.pattern)
     report["loss_positions"] = args.loss
     out = Path(args.out)

@@ -145,7 +145,7 @@ def identify(
     dataset = PasskeyDataset(tokenizer, text, config.passkeys, config.seed, fit_min_len=config.fit_min_len)
     if dataset.config.min_len != config.min_len:  # fit_min_len: the shortest sample that holds the passkeys
         config = dataclasses.replace(config, min_len=dataset.config.min_len)
-    val_dataset = _validation_dataset(config, model, tokenizer, text)
+    val_dataset = validation_dataset(config, model, tokenizer, text)
     device = next(model.parameters()).device
     settings = {
         **config.settings(),
@@ -163,7 +163,7 @@ def identify(
         trained = result.gates.double().numpy()
         validation = selection = None
         if val_dataset is not None and main:  # whole samples on one process: the other ranks are done
-            validation, selection = _validate(model, val_dataset, trained, config, progress)
+            validation, selection = validate_gates(model, val_dataset, trained, config, progress)
     gates = trained if selection is None else np.asarray(selection["gates"])
 
     history = result.history
@@ -214,8 +214,8 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=1) + "\n").encode("utf-8"))
 
 
-def _validation_dataset(config: IdentifyConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                        text: str) -> PasskeyDataset | None:
+def validation_dataset(config: IdentifyConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       text: str) -> PasskeyDataset | None:
     """The validation samples' dataset (its own seed and lengths), and every budget checked against the model's
     layers: all before the first training step."""
     if not config.val_samples:
@@ -238,8 +238,8 @@ def _validation_dataset(config: IdentifyConfig, model: PreTrainedModel, tokenize
     return dataset
 
 
-def _validate(model: PreTrainedModel, dataset: PasskeyDataset, trained: np.ndarray, config: IdentifyConfig,
-              progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def validate_gates(model: PreTrainedModel, dataset: PasskeyDataset, trained: np.ndarray, config: IdentifyConfig,
+                   progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The per-budget report of the trained gates; with ``config.refine``, the selection and the report of the
     re-ranked gates. Returns (validation record, selection record or None)."""
     tic = time.perf_counter()
