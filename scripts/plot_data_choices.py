@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 def plot(runs: dict[str, Any], path: Path) -> Path:
     candidates = runs.get("candidates")
     if not isinstance(candidates, dict) or not candidates:
-        raise SystemExit("runs: missing 'candidates' (name -> {data, seed, mean_50})")
+        raise SystemExit("runs: missing 'candidates' (name -> {data, seed, steps, mean_50})")
+    for name, run in candidates.items():
+        missing = [k for k in ("data", "seed", "steps", "mean_50") if k not in run]
+        if missing:
+            raise SystemExit(f"runs: candidate {name!r} lacks {', '.join(missing)} "
+                             "(expected data, seed, steps, mean_50)")
+    # Runs cut short are labelled with their step count: the one most runs share is the full run.
+    full_steps = Counter(run["steps"] for run in candidates.values()).most_common(1)[0][0]
     choices: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, run in candidates.items():
         choices.setdefault(run["data"], []).append((name, run))
@@ -37,7 +45,7 @@ def plot(runs: dict[str, Any], path: Path) -> Path:
             selected = name == runs.get("selected")
             ax.plot(run["mean_50"], y, marker="*" if selected else "o", markersize=13 if selected else 7,
                     color="#d62728" if selected else "#1f77b4", linestyle="none")
-            ax.annotate(f"{run['seed']}" + (f", {run['steps']} steps" if run["steps"] != 40 else ""),
+            ax.annotate(f"{run['seed']}" + (f", {run['steps']} steps" if run["steps"] != full_steps else ""),
                         (run["mean_50"], y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
     shipped = runs.get("shipped_cpu_rerun", {}).get("mean_50")
     if shipped is not None:
